@@ -1,0 +1,35 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_STAMP := $(VENV)/.installed-torch
+# pytest workers; override with `make test PYTEST_WORKERS=1`.
+PYTEST_WORKERS ?= 2
+
+.PHONY: venv venv-torch test demo bench clean
+
+venv: $(STAMP)
+
+# Rebuilt whenever requirements.txt changes.
+$(STAMP): requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install -q "jax[cuda12]==$$(sed -n 's/^jax==//p' requirements.txt)"; fi
+	touch $(STAMP)
+
+venv-torch: $(TORCH_STAMP)
+
+$(TORCH_STAMP): requirements-torch.txt $(STAMP)
+	$(PY) -m pip install -q -r requirements-torch.txt
+	touch $(TORCH_STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+demo: $(STAMP)
+	$(PY) -m multiface_jax.demo --workdir=runs/demo
+
+clean:
+	rm -rf runs

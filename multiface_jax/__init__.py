@@ -1,0 +1,1 @@
+"""multiface-jax: MultiFace (multi-sphere margin losses) face recognition in JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Data in: MXNet RecordIO, emore folders, verification .bin sets, TFRecord conversion."""
