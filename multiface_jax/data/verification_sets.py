@@ -84,6 +84,11 @@ class _SafeUnpickler(pickle.Unpickler):
         refuse(f'numpy scalar of dtype {dtype!r}')
       return multiarray.scalar(dtype, *args)
 
+    def safe_frombuffer(buffer, dtype, shape, order):  # how pickle protocol 5 stores arrays
+      if not isinstance(dtype, np.dtype) or dtype.kind not in _SAFE_DTYPE_KINDS:
+        refuse(f'numpy array of dtype {dtype!r}')
+      return np.frombuffer(buffer, dtype).reshape(shape, order=order).copy()
+
     self._allowed = {
         ('_codecs', 'encode'): encode_latin1,
         ('numpy', 'dtype'): safe_dtype,
@@ -92,6 +97,8 @@ class _SafeUnpickler(pickle.Unpickler):
         ('numpy._core.multiarray', '_reconstruct'): safe_reconstruct,
         ('numpy.core.multiarray', 'scalar'): safe_scalar,
         ('numpy._core.multiarray', 'scalar'): safe_scalar,
+        ('numpy.core.numeric', '_frombuffer'): safe_frombuffer,
+        ('numpy._core.numeric', '_frombuffer'): safe_frombuffer,
     }
 
   def find_class(self, module, name):
