@@ -296,6 +296,12 @@ class RecordIOReader:
       RecordIOError: unknown key, or a corrupt/truncated record at its offset.
     """
     offset = self.offset(key)
+    # Fast path for the common whole, intact record; anything else takes read_at's checks.
+    if offset + _CHUNK_HEADER.size <= self._size:
+      magic, lrec = _CHUNK_HEADER.unpack_from(self._data, offset)
+      start = offset + _CHUNK_HEADER.size
+      if magic == MAGIC and lrec >> 29 == 0 and start + _align4(lrec) <= self._size:
+        return self._data[start:start + lrec]
     record, _ = self.read_at(offset, where=f'key {key} (offset {offset})')
     return record
 
