@@ -104,7 +104,8 @@ def test_split_record_is_rejoined(mxnet_readback):
 
 def test_unknown_key_names_the_key_and_the_fix():
   with recordio.RecordIOReader(REC, IDX) as reader:
-    assert 999 not in reader and 3 in reader
+    assert 999 not in reader and 3 in reader and np.int64(3) in reader
+    assert 3.0 not in reader and '3' not in reader
     with pytest.raises(recordio.RecordIOError, match=r'train\.idx: key 999: unknown key.*keys\(\)'):
       reader.read(999)
 

@@ -30,6 +30,7 @@ from multiface_jax.data import recordio
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
+_FLOAT32_EXACT_INTEGERS = 1 << 24
 _OUTPUT_FILES = ('train.idx', 'train.rec', 'labels.txt', 'property')  # property is renamed last.
 
 
@@ -159,6 +160,10 @@ def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
                          'read; add images or leave the folder out')
       identity_ranges.append((first, key))
     num_images = key - 1
+    if key + len(identity_ranges) > _FLOAT32_EXACT_INTEGERS:
+      raise ValueError(f'{num_images} images: the emore header stores record keys as float32 '
+                       'labels, exact only up to 2**24; split the identities into several '
+                       'folders')
     for first, end in identity_ranges:
       writer.write_idx(key, recordio.pack(recordio.IRHeader(0, (first, end), key, 0), b''))
       key += 1

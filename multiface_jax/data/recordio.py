@@ -13,6 +13,7 @@ This module only needs numpy; the writer reproduces dmlc's output byte for byte.
 import collections
 import mmap
 import numbers
+import operator
 import os
 import struct
 
@@ -264,8 +265,8 @@ class RecordIOReader:
 
   def _row(self, key):
     try:
-      key = int(key)
-    except (TypeError, ValueError):
+      key = operator.index(key)  # ints and numpy integers; 3.5 or '3' are unknown keys
+    except TypeError:
       return None
     if self._contiguous:
       row = key - self._first_key
