@@ -54,7 +54,7 @@ def _random_images(n, size=6, seed=0):
   return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
-# --- embed.extract_embeddings -----------------------------------------------------------------------
+# --- embed.extract_embeddings --------------------------------------------------------------------
 
 @pytest.mark.parametrize('flip', [True, False])
 def test_extract_embeddings_matches_numpy_with_padding(flip):
@@ -157,7 +157,7 @@ def test_sharded_over_eight_devices_equals_one_device(tmp_path):
                                 [s['accuracy_mean'] for s in results['lfw']['spheres']])
 
 
-# --- The evaluator ----------------------------------------------------------------------------------
+# --- The evaluator -------------------------------------------------------------------------------
 
 def _jpeg(pixels):
   buffer = io.BytesIO()

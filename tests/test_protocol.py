@@ -1,4 +1,4 @@
-"""The verification protocol against hand-computed answers and an independent loop implementation."""
+"""The verification protocol against hand-computed answers and an independent loop version."""
 import numpy as np
 import pytest
 from scipy import interpolate
@@ -7,7 +7,7 @@ from sklearn.model_selection import KFold
 from multiface_jax.evaluation import protocol
 
 
-# --- An independent, deliberately plain implementation: one pass per threshold per fold. ----------
+# --- An independent, deliberately plain implementation: one pass per threshold per fold. ---------
 
 def _scipy_lt_1_9_slinear(x, y, x_new):
   """What `interp1d(x, y, kind='slinear')(x_new)` returned before scipy 1.9 rejected repeated x.
@@ -81,7 +81,7 @@ def _unit_rows(x):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-# --- Known answers. ---------------------------------------------------------------------------------
+# --- Known answers. ------------------------------------------------------------------------------
 
 def test_hand_computed_two_folds():
   # Fold 0 = pairs 0-2, fold 1 = pairs 3-5. Fold 0 trains on (0.205 S, 0.705 D, 0.405 D): first
@@ -161,7 +161,7 @@ def test_random_embeddings_are_at_chance():
   assert np.all(np.abs(r['fpr'] - r['tpr']) < 0.05)
 
 
-# --- Equality with the loop implementation. -------------------------------------------------------
+# --- Equality with the loop implementation. ------------------------------------------------------
 
 @pytest.mark.parametrize('num_pairs, nrof_folds, dtype', [
     (6000, 10, np.float64),

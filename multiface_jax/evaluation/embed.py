@@ -85,8 +85,9 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
   if mesh is not None:
     data_size = mesh.shape['data']
     if batch_size % data_size:
+      suggestion = data_size * max(1, batch_size // data_size)
       raise ValueError(f'batch_size {batch_size} is not a multiple of the mesh data axis '
-                       f'({data_size} devices): use e.g. {data_size * max(1, batch_size // data_size)}')
+                       f'({data_size} devices): use e.g. {suggestion}')
     variables = _place_on_mesh(variables, mesh)
     put = functools.partial(jax.device_put, device=NamedSharding(mesh, PartitionSpec('data')))
 

@@ -37,7 +37,8 @@ def ordered_set_names(names: Sequence[str]) -> list[str]:
   return standard + sorted(set(names) - set(STANDARD_SETS))
 
 
-def find_verification_sets(data_dir: str, names: Sequence[str] | str | None = None) -> dict[str, str]:
+def find_verification_sets(data_dir: str,
+                           names: Sequence[str] | str | None = None) -> dict[str, str]:
   """Finds the ``*.bin`` verification sets of a folder.
 
   Args:
@@ -127,6 +128,11 @@ def _cell(metrics: Mapping[str, Any] | None) -> str:
   return f'{100 * metrics["accuracy_mean"]:.2f} ± {100 * metrics["accuracy_std"]:.2f}'
 
 
+def _sphere(metrics: Mapping[str, Any] | None, k: int) -> Mapping[str, Any] | None:
+  spheres = (metrics or {}).get('spheres', ())
+  return spheres[k] if k < len(spheres) else None
+
+
 def format_table(results: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, Mapping[str, Any]]],
                  *, label: str = 'model') -> str:
   """The accuracy table in the published layout: one row per model, one column per set.
@@ -149,8 +155,7 @@ def format_table(results: Mapping[str, Mapping[str, Any]] | Sequence[tuple[str, 
     table.append([row_label] + [_cell(per_set.get(name)) for name in names])
     num_spheres = max((len(m.get('spheres', ())) for m in per_set.values()), default=0)
     for k in range(num_spheres):
-      cells = [_cell(per_set[name]['spheres'][k]) if len(per_set.get(name, {}).get('spheres', ())) > k
-               else '-' for name in names]
+      cells = [_cell(_sphere(per_set.get(name), k)) for name in names]
       table.append([f'{row_label}, sphere {k + 1}/{num_spheres} alone'] + cells)
   widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
 

@@ -5,9 +5,9 @@ Reproduces insightface's ``verification.evaluate`` (facenet's lfw helper) number
 * ``dist`` = squared L2 distance of the two (flip-summed, L2-normalised) embeddings of each pair;
   a pair is predicted "same" when ``dist < threshold``.
 * Accuracy: thresholds ``arange(0, 4, 0.01)``; 10 contiguous folds (sklearn ``KFold`` without
-  shuffle: the first ``P % 10`` folds hold one extra pair). For each fold the threshold with the best
-  accuracy on the other nine folds (the first one on ties) is applied to the held-out fold. TPR/FPR
-  of the held-out folds at every threshold are averaged over folds (the ROC curve).
+  shuffle: the first ``P % 10`` folds hold one extra pair). For each fold the threshold with the
+  best accuracy on the other nine folds (the first one on ties) is applied to the held-out fold.
+  TPR/FPR of the held-out folds at every threshold are averaged over folds (the ROC curve).
 * VAL@FAR=1e-3: thresholds ``arange(0, 4, 0.001)``; per fold, the training folds' FAR curve is
   inverted at 1e-3 by ``scipy.interpolate.interp1d(far, thresholds, kind='slinear')`` (threshold 0
   when the FAR never reaches 1e-3), then VAL and FAR are measured on the held-out fold.
@@ -101,7 +101,7 @@ def _train_counts(test_counts: np.ndarray) -> np.ndarray:
 
 
 def _ratio_or_zero(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
-  """``numerator / denominator`` as floats, 0 where the denominator is 0 (reference's TPR/FPR rule)."""
+  """``numerator / denominator`` as floats; 0 where the denominator is 0, as the reference's TPR."""
   numerator, denominator = np.broadcast_arrays(numerator, denominator)
   out = np.zeros(numerator.shape, dtype=np.float64)
   np.divide(numerator, denominator, out=out, where=denominator != 0)
@@ -134,7 +134,8 @@ def slinear_interp(x: np.ndarray, y: np.ndarray, x_new: float) -> float:
   return float(y[right - 1] * (w * (x_right - x_new)) + y[right] * (w * (x_new - x_left)))
 
 
-def evaluate_distances(dist: np.ndarray, issame: np.ndarray, nrof_folds: int = 10) -> dict[str, Any]:
+def evaluate_distances(dist: np.ndarray, issame: np.ndarray,
+                       nrof_folds: int = 10) -> dict[str, Any]:
   """The verification protocol on precomputed pair distances (see the module docstring).
 
   Args:
@@ -144,11 +145,11 @@ def evaluate_distances(dist: np.ndarray, issame: np.ndarray, nrof_folds: int = 1
 
   Returns:
     dict with numpy values:
-      accuracy (F,) held-out accuracy of each fold; accuracy_mean, accuracy_std (population std,
-      as reported in the tables); best_thresholds (F,) the threshold chosen on each fold's training
-      folds and best_threshold their mean; thresholds (T,), tpr (T,), fpr (T,) the fold-averaged ROC;
-      val, val_std, far at FAR_TARGET and val_thresholds (F,) the interpolated thresholds;
-      num_pairs.
+      accuracy (F,) held-out accuracy of each fold; accuracy_mean, accuracy_std (population
+      std, as reported in the tables); best_thresholds (F,) the threshold chosen on each fold's
+      training folds and best_threshold their mean; thresholds (T,), tpr (T,), fpr (T,) the
+      fold-averaged ROC; val, val_std, far at FAR_TARGET and val_thresholds (F,) the
+      interpolated thresholds; num_pairs.
   """
   dist = np.asarray(dist, dtype=np.float64)
   issame = np.asarray(issame)
