@@ -16,6 +16,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
+from multiface_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from multiface_jax import import_torch  # pylint: disable=g-import-not-at-top
 from multiface_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -218,10 +219,17 @@ def test_command_line_writes_a_restorable_checkpoint(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'mobilefacenet' in result.stdout
 
-  restored = ocp.StandardCheckpointer().restore(str(out))
   expected = import_torch.variables_from_torch_state_dict(state_dict, 'mobilefacenet')
+  restored = ocp.StandardCheckpointer().restore(str(out))
   jax.tree_util.tree_map(np.testing.assert_array_equal, restored, expected)
-  assert_parity('mobilefacenet', restored, face_images_uint8(seed=1))
+
+  # The path evaluation (--mode=eval --checkpoint=DIR) and fine-tuning (init_checkpoint) take.
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), expected)
+  loaded = checkpointing.load_backbone_variables(str(out), abstract)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, expected)
+  assert_parity('mobilefacenet', loaded, face_images_uint8(seed=1))
 
   # A second import never overwrites the first.
   again = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
