@@ -3,6 +3,7 @@
 A toy model (one Dense layer over the flattened pixels) stands in for a backbone: it compiles in a
 blink and its embeddings can be recomputed independently in numpy.
 """
+import functools
 import io
 import json
 import os
@@ -15,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import sklearn.preprocessing
 from PIL import Image
 
 from multiface_jax.data import verification_sets
@@ -68,6 +70,12 @@ def test_extract_embeddings_matches_numpy_with_padding(flip):
   assert xnorm == pytest.approx(expected_xnorm, rel=1e-5)
 
 
+def test_l2_normalize_rows_is_sklearns_normalize():
+  x = np.random.default_rng(4).normal(size=(50, 512))
+  x[3] = 0.0
+  np.testing.assert_array_equal(embed.l2_normalize_rows(x), sklearn.preprocessing.normalize(x))
+
+
 def test_flip_changes_the_embedding_and_a_symmetric_image_is_unchanged():
   images = _random_images(4)
   apply_fn, variables = _toy(images.shape[1:])
@@ -82,11 +90,17 @@ def test_flip_changes_the_embedding_and_a_symmetric_image_is_unchanged():
 
 def test_one_compilation_for_all_batches_including_the_padded_one():
   images = _random_images(11, size=5)
-  apply_fn, variables = _toy(images.shape[1:], features=6)
+  model = ToyModel(6)
+  apply_fn, variables = model.apply, _toy(images.shape[1:], features=6)[1]
   before = embed._raw_embeddings._cache_size()
   embed.extract_embeddings(apply_fn, variables, images, batch_size=4)  # 4 + 4 + 3 (padded)
   embed.extract_embeddings(apply_fn, variables, images[:5], batch_size=4)
   assert embed._raw_embeddings._cache_size() == before + 1
+  # A fresh but equal partial (how a training loop typically passes model.apply) reuses it too.
+  for _ in range(2):
+    embed.extract_embeddings(functools.partial(model.apply, mutable=False), variables, images,
+                             batch_size=4)
+  assert embed._raw_embeddings._cache_size() == before + 2
 
 
 def test_extract_embeddings_rejects_bad_images():

@@ -11,6 +11,7 @@ the ``data`` axis.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -33,6 +34,29 @@ def _raw_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array,
   return jnp.stack([apply_fn(variables, view).astype(jnp.float32) for view in views])
 
 
+@dataclasses.dataclass(frozen=True)
+class _HashablePartial:
+  """A ``functools.partial`` that compares by value, so a fresh one reuses the compiled code."""
+  func: Callable[..., Any]
+  args: tuple[Any, ...]
+  keywords: tuple[tuple[str, Any], ...]
+
+  def __call__(self, *args):
+    return self.func(*self.args, *args, **dict(self.keywords))
+
+
+def _cache_key(apply_fn: ApplyFn) -> ApplyFn:
+  """`apply_fn` itself, or for a partial (``partial(model.apply, train=False)``) its value."""
+  if isinstance(apply_fn, functools.partial):
+    key = _HashablePartial(apply_fn.func, apply_fn.args, tuple(sorted(apply_fn.keywords.items())))
+    try:
+      hash(key)
+      return key
+    except TypeError:  # an unhashable bound argument: fall back to the object's identity
+      pass
+  return apply_fn
+
+
 def _place_on_mesh(variables: Any, mesh: Mesh) -> Any:
   """Replicates over `mesh` every leaf not already laid out on exactly its devices."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -47,10 +71,14 @@ def _place_on_mesh(variables: Any, mesh: Mesh) -> Any:
 
 
 def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
-  """Rows divided by their L2 norm; all-zero rows stay zero (sklearn.preprocessing.normalize)."""
-  norms = np.linalg.norm(x, axis=1, keepdims=True)
+  """Rows divided by their L2 norm; all-zero rows stay zero.
+
+  Bit for bit ``sklearn.preprocessing.normalize``, which the reference applies: the same einsum
+  for the squared norms (a different summation order would move the last digit).
+  """
+  norms = np.sqrt(np.einsum('ij,ij->i', x, x))
   norms[norms == 0] = 1.0
-  return x / norms
+  return x / norms[:, np.newaxis]
 
 
 def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarray, *,
@@ -61,7 +89,8 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
   Args:
     apply_fn: ``apply_fn(variables, images_float_nhwc) -> (B, D)``, e.g.
       ``functools.partial(model.apply, train=False)``. It is a static argument of the jitted
-      function: pass the same object each time to reuse the compiled code.
+      function: the same object, or an equal partial of the same module instance's ``apply``,
+      reuses the compiled code; a new lambda (or model instance) each call compiles each call.
     variables: the model variables (numpy or jax arrays).
     images_uint8: (n, H, W, 3) uint8 RGB images.
     batch_size: images per device call (global, over all devices of the mesh).
@@ -81,6 +110,7 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
     raise ValueError('no images to embed')
   if batch_size < 1:
     raise ValueError(f'batch_size must be positive, got {batch_size}')
+  apply_fn = _cache_key(apply_fn)
   put = jax.device_put
   if mesh is not None:
     data_size = mesh.shape['data']
