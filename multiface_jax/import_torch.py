@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multiface_jax import models
+from multiface_jax.models import iresnet
 
 # Leaf (collection, Flax name) -> PyTorch parameter/buffer name.
 _LEAF_NAMES = {
@@ -175,7 +176,7 @@ def _convert_leaf(module_path: tuple[str, ...], leaf: str, tensor: np.ndarray,
     array = tensor.transpose(2, 3, 1, 0)  # OIHW -> HWIO; depthwise (C,1,kh,kw) -> (kh,kw,1,C)
   elif leaf == 'kernel' and tensor.ndim == 2:
     out_features, in_features = tensor.shape
-    channels = models.iresnet.STAGE_WIDTHS[-1]
+    channels = iresnet.STAGE_WIDTHS[-1]
     if module_path[-2:] == ('output_layer', 'linear') and in_features % channels == 0:
       # PyTorch flattened the (C, H, W) map channel-major; Flax flattens (H, W, C).
       array = tensor.reshape(out_features, channels, -1).transpose(2, 1, 0)
@@ -243,6 +244,8 @@ def variables_from_torch_state_dict(state_dict: Mapping[str, Any], net: str, *,
     if key not in state_dict:
       missing.append(key)
       continue
+    if key in consumed:  # two Flax variables read the same tensor: a bug in the name mapping
+      raise RuntimeError(f'{key} maps to more than one Flax variable (last: {path}).')
     consumed.add(key)
     array = _convert_leaf(module_path, leaf, _to_numpy(state_dict[key]), shape, key)
     if bgr_to_rgb and module_path == _first_conv_path(net) and leaf == 'kernel':

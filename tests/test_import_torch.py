@@ -64,6 +64,12 @@ def jax_embeddings(net, variables, images_uint8):
   return np.asarray(jax_embed(net)(variables, models.normalize_images(images_uint8)))
 
 
+def _subprocess_env():
+  repo_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  return dict(os.environ, JAX_PLATFORMS='cpu',
+              PYTHONPATH=os.pathsep.join([repo_root, os.environ.get('PYTHONPATH', '')]))
+
+
 def assert_parity(net, variables, images):
   expected = torch_embeddings(net, images)
   got = jax_embeddings(net, variables, images)
@@ -129,6 +135,29 @@ def test_every_tensor_is_used_once():
                                 state_dict['conv_4.model.5.project.bn.running_var'].numpy())
   np.testing.assert_array_equal(variables['params']['linear']['kernel'],
                                 state_dict['linear.weight'].numpy().T)
+
+
+def test_conversion_needs_no_torch(tmp_path):
+  """A state_dict of numpy arrays converts in a process that never imports torch."""
+  state_dict = torch_model('mobilefacenet').state_dict()
+  arrays = {k: v.numpy() for k, v in state_dict.items()}
+  np.savez(tmp_path / 'state.npz', **arrays)
+  expected = import_torch.variables_from_torch_state_dict(state_dict, 'mobilefacenet')
+  np.save(tmp_path / 'expected_linear.npy', expected['params']['linear']['kernel'])
+  script = f"""
+import sys
+import numpy as np
+sys.modules['torch'] = None  # any import of torch now fails
+from multiface_jax import import_torch
+state = dict(np.load({str(tmp_path / 'state.npz')!r}))
+variables = import_torch.variables_from_torch_state_dict(state, 'mobilefacenet')
+np.testing.assert_array_equal(variables['params']['linear']['kernel'],
+                              np.load({str(tmp_path / 'expected_linear.npy')!r}))
+print('ok')
+"""
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          env=_subprocess_env(), check=False)
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr[-3000:]
 
 
 def test_missing_and_unexpected_keys_are_listed():
@@ -211,8 +240,7 @@ def test_command_line_writes_a_restorable_checkpoint(tmp_path):
   state_dict = torch_model('mobilefacenet').state_dict()
   torch.save(state_dict, pth)
   out = tmp_path / 'imported'
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get('PYTHONPATH', '')]))
+  env = _subprocess_env()
   command = [sys.executable, '-m', 'multiface_jax.import_torch', '--net=mobilefacenet',
              f'--pth={pth}', f'--out={out}']
   result = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
