@@ -1,0 +1,79 @@
+"""Face-embedding backbones: `create_model(name, **options)` and the input normalisation.
+
+Every model maps float NHWC images (B, 112, 112, 3), normalised by :func:`normalize_images`, to
+float32 (B, embedding_size) embeddings of unit L2 norm::
+
+  model = create_model('mobilefacenet')
+  variables = model.init(rng, images, train=False)          # {'params', 'batch_stats'}
+  emb = model.apply(variables, images, train=False)
+  emb, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
+                             rngs={'dropout': key})
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from multiface_jax.models.iresnet import UNITS_BY_DEPTH, IResNet
+from multiface_jax.models.layers import DEPTHWISE_IMPLS, DepthwiseConv2D
+from multiface_jax.models.mobilefacenet import MobileFaceNet
+
+# name -> (depth, squeeze-and-excitation)
+_IR_VARIANTS = {'ir50': (50, False), 'ir100': (100, False), 'ir152': (152, False),
+                'ir_se50': (50, True), 'ir_se100': (100, True), 'ir_se152': (152, True)}
+MODEL_NAMES = ('mobilefacenet', *_IR_VARIANTS)
+
+
+def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 512,
+                 **options: Any) -> nn.Module:
+  """Builds a backbone by name.
+
+  Args:
+    name: one of ``MODEL_NAMES``.
+    dtype: compute dtype (params stay float32; the embedding's BatchNorm and L2 normalisation run
+      in float32).
+    embedding_size: size of the output embedding.
+    **options: backbone-specific: ``depthwise_impl`` ('auto' | 'lax' | 'shifted', MobileFaceNet),
+      ``dropout_rate`` (default 0.6, IR / IR-SE).
+
+  Returns:
+    An unbound ``flax.linen.Module``; call it as ``model.apply(variables, images, train=...)``.
+
+  Raises:
+    ValueError: unknown name or an option the backbone does not take.
+  """
+  if name == 'mobilefacenet':
+    allowed, factory = {'depthwise_impl'}, MobileFaceNet
+  elif name in _IR_VARIANTS:
+    depth, use_se = _IR_VARIANTS[name]
+    allowed = {'dropout_rate'}
+    factory = functools.partial(IResNet, UNITS_BY_DEPTH[depth], use_se=use_se)
+  else:
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+  unknown = set(options) - allowed
+  if unknown:
+    raise ValueError(f'Model {name!r} does not take option(s) {sorted(unknown)}; '
+                     f'it takes dtype, embedding_size and {sorted(allowed)}.')
+  if 'depthwise_impl' in options and options['depthwise_impl'] not in DEPTHWISE_IMPLS:
+    raise ValueError(f'Unknown depthwise_impl {options["depthwise_impl"]!r}; '
+                     f'valid: {", ".join(DEPTHWISE_IMPLS)}.')
+  return factory(dtype=dtype, embedding_size=embedding_size, **options)
+
+
+def normalize_images(images_uint8: jax.Array) -> jax.Array:
+  """Maps uint8 pixels to float32 in [-1, 1]: ``(x / 255 - 0.5) / 0.5`` as the original does.
+
+  Args:
+    images_uint8: uint8 (..., H, W, C); works on device inside jitted functions.
+
+  Returns:
+    float32 array of the same shape.
+  """
+  x = jnp.asarray(images_uint8).astype(jnp.float32)
+  return (x / 255.0 - 0.5) / 0.5
+
+
+__all__ = ['MODEL_NAMES', 'create_model', 'normalize_images', 'MobileFaceNet', 'IResNet',
+           'DepthwiseConv2D', 'DEPTHWISE_IMPLS', 'UNITS_BY_DEPTH']
