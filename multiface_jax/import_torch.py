@@ -32,6 +32,7 @@ imports it.
 import functools
 import os
 import re
+import sys
 from typing import Any, Iterable, Mapping
 
 from absl import app
@@ -165,7 +166,7 @@ def _mismatch_message(net: str, missing: list[str], unexpected: list[str],
     lines.append(f'  {len(unexpected)} unexpected key(s):\n    {listing(unexpected)}')
   guess = guess_net(keys)
   if guess and guess != net:
-    lines.append(f'  The keys look like a {guess!r} checkpoint: try --net={guess}.')
+    lines.append(f'  The keys match the layout of {guess!r}: try --net={guess}.')
   return '\n'.join(lines)
 
 
@@ -230,32 +231,33 @@ def variables_from_torch_state_dict(state_dict: Mapping[str, Any], net: str, *,
   if embedding_size is None:
     embedding_size = _embedding_size(net, state_dict)
   flat_target = _variable_shapes(net, embedding_size)
-  flat_variables, consumed, missing = {}, set(), []
-  batchnorm_modules = set()
-  for path, shape in flat_target.items():
+
+  # Names first, so that a wrong --net is reported as a key listing rather than a shape error.
+  keys, batchnorm_modules = {}, set()
+  for path in flat_target:
     collection, *module_path, leaf = path
-    module_path = tuple(module_path)
     if (collection, leaf) not in _LEAF_NAMES:
       raise NotImplementedError(f'No PyTorch counterpart known for Flax variable {path}.')
-    module_name = _torch_module_name(net, module_path)
-    key = f'{module_name}.{_LEAF_NAMES[collection, leaf]}'
+    module_name = _torch_module_name(net, tuple(module_path))
+    keys[path] = f'{module_name}.{_LEAF_NAMES[collection, leaf]}'
     if collection == 'batch_stats':
       batchnorm_modules.add(module_name)
-    if key not in state_dict:
-      missing.append(key)
-      continue
-    if key in consumed:  # two Flax variables read the same tensor: a bug in the name mapping
-      raise RuntimeError(f'{key} maps to more than one Flax variable (last: {path}).')
-    consumed.add(key)
+  if len(set(keys.values())) != len(keys):  # two Flax variables would read one tensor
+    raise RuntimeError(f'The name mapping of {net!r} is not one-to-one.')
+  ignored = {f'{m}.num_batches_tracked' for m in batchnorm_modules}
+  missing = sorted(k for k in keys.values() if k not in state_dict)
+  unexpected = sorted(k for k in state_dict if k not in ignored and k not in set(keys.values()))
+  if missing or unexpected:
+    raise StateDictMismatchError(_mismatch_message(net, missing, unexpected, state_dict))
+
+  flat_variables = {}
+  for path, shape in flat_target.items():
+    module_path, leaf = tuple(path[1:-1]), path[-1]
+    key = keys[path]
     array = _convert_leaf(module_path, leaf, _to_numpy(state_dict[key]), shape, key)
     if bgr_to_rgb and module_path == _first_conv_path(net) and leaf == 'kernel':
       array = np.ascontiguousarray(array[:, :, ::-1, :])  # HWIO: reverse the input channels
     flat_variables[path] = array
-
-  ignored = {f'{m}.num_batches_tracked' for m in batchnorm_modules}
-  unexpected = sorted(k for k in state_dict if k not in consumed and k not in ignored)
-  if missing or unexpected:
-    raise StateDictMismatchError(_mismatch_message(net, sorted(missing), unexpected, state_dict))
   return traverse_util.unflatten_dict(flat_variables)
 
 
@@ -346,10 +348,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   config = flags.FLAGS
-  state_dict = load_torch_state_dict(config.pth)
-  variables = variables_from_torch_state_dict(state_dict, config.net,
-                                              bgr_to_rgb=not config.keep_bgr)
-  path = save_variables(config.out, variables)
+  try:
+    state_dict = load_torch_state_dict(config.pth)
+    variables = variables_from_torch_state_dict(state_dict, config.net,
+                                                bgr_to_rgb=not config.keep_bgr)
+    path = save_variables(config.out, variables)
+  except (OSError, ImportError, ValueError) as e:  # the message says what to fix
+    sys.exit(f'error: {e}')
   count = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables['params']))
   print(f'Imported {len(state_dict)} tensors ({count:,} parameters) of {config.net} from '
         f'{config.pth} into {path}')
