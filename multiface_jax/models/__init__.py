@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from multiface_jax.models.iresnet import UNITS_BY_DEPTH, IResNet
 from multiface_jax.models.layers import DEPTHWISE_IMPLS, DepthwiseConv2D
 from multiface_jax.models.mobilefacenet import MobileFaceNet
+from multiface_jax.models.tiny import TinyFaceNet
 
 # name -> (depth, squeeze-and-excitation)
 _IR_VARIANTS = {'ir50': (50, False), 'ir100': (100, False), 'ir152': (152, False),
@@ -46,12 +47,14 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
   """
   if name == 'mobilefacenet':
     allowed, factory = {'depthwise_impl'}, MobileFaceNet
+  elif name == 'tiny':  # tests and smoke runs only; not an architecture of the original
+    allowed, factory = {'depthwise_impl'}, TinyFaceNet
   elif name in _IR_VARIANTS:
     depth, use_se = _IR_VARIANTS[name]
     allowed = {'dropout_rate'}
     factory = functools.partial(IResNet, UNITS_BY_DEPTH[depth], use_se=use_se)
   else:
-    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)}.')
+    raise ValueError(f'Unknown model {name!r}; valid names: {", ".join(MODEL_NAMES)} (and tiny).')
   unknown = set(options) - allowed
   if unknown:
     raise ValueError(f'Model {name!r} does not take option(s) {sorted(unknown)}; '
