@@ -152,6 +152,11 @@ def _embedding_size(net: str, state_dict: Mapping[str, Any]) -> int:
   return int(np.shape(state_dict[key])[0]) if key in state_dict else 512
 
 
+def _natural_order(key: str) -> list[tuple[int, Any]]:
+  """Sort key putting 'body.9.' before 'body.10.' (numbers before names at any level)."""
+  return [(0, int(part)) if part.isdigit() else (1, part) for part in key.split('.')]
+
+
 def _mismatch_message(net: str, missing: list[str], unexpected: list[str],
                       keys: Iterable[str]) -> str:
   def listing(names):
@@ -245,8 +250,9 @@ def variables_from_torch_state_dict(state_dict: Mapping[str, Any], net: str, *,
   if len(set(keys.values())) != len(keys):  # two Flax variables would read one tensor
     raise RuntimeError(f'The name mapping of {net!r} is not one-to-one.')
   ignored = {f'{m}.num_batches_tracked' for m in batchnorm_modules}
-  missing = sorted(k for k in keys.values() if k not in state_dict)
-  unexpected = sorted(k for k in state_dict if k not in ignored and k not in set(keys.values()))
+  missing = sorted((k for k in keys.values() if k not in state_dict), key=_natural_order)
+  unexpected = sorted((k for k in state_dict if k not in ignored and k not in set(keys.values())),
+                      key=_natural_order)
   if missing or unexpected:
     raise StateDictMismatchError(_mismatch_message(net, missing, unexpected, state_dict))
 

@@ -179,7 +179,7 @@ def test_wrong_net_names_the_right_one():
     import_torch.variables_from_torch_state_dict(state_dict, 'ir_se50')
   # Same blocks, other depth: reported as keys (body.24 ... missing), not as a shape mismatch.
   with pytest.raises(import_torch.StateDictMismatchError,
-                     match=r'(?s)missing key.*body\.48\..*--net=ir_se50'):
+                     match=r'(?s)missing key.*body\.24\..*--net=ir_se50'):
     import_torch.variables_from_torch_state_dict(torch_model('ir_se50').state_dict(), 'ir_se100')
   assert import_torch.guess_net(torch_model('ir_se50').state_dict()) == 'ir_se50'
   ir100_keys = [f'module.body.{i}.res_layer.0.weight' for i in range(49)]
