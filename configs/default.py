@@ -102,6 +102,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 0.1
   # ... or every this many steps, when >= 0.
   config.eval_every_steps = -1
+  # False: the train loop never evaluates (use --mode=eval afterwards).
+  config.eval_during_training = True
   # Global batch of the verification embedding (a multiple of the device count).
   config.eval_batch_size = 256
   # Subset of the .bin sets to evaluate, comma-separated ('' = every set in data_dir).

@@ -1,0 +1,89 @@
+"""Shared pieces of test_train.py and test_multihost.py: tiny data, tiny config, subprocesses."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMORE_FIXTURE = os.path.join(REPO, 'tests', 'data', 'emore')  # 16 images, 4 ids, pairs20.bin
+WORKER = os.path.join(REPO, 'tests', 'train_worker.py')
+
+# The tiny config on the converted fixture: batch 8 = 2 steps per epoch. lr 0.01 keeps the
+# first steps out of the chaotic regime, so that float rounding (1 vs 8 devices) stays small.
+REAL_DATA_OVERRIDES = {
+    'synthetic_data': False, 'num_classes': 0, 'num_train_images': 0, 'num_train_steps': 4,
+    'checkpoint_every_steps': 2, 'log_every_steps': 2, 'optimizer.lr': 0.01,
+    'optimizer.boundaries_steps': (3,), 'eval_every_steps': 0, 'eval_batch_size': 16}
+
+
+def convert_fixture(dst: str) -> str:
+  """The emore fixture as TFRecords (2 shards, so that 2 processes can share it)."""
+  from multiface_jax.data import convert  # pylint: disable=import-outside-toplevel
+  convert.convert(EMORE_FIXTURE, dst, num_shards=2, progress=False)
+  return dst
+
+
+def tiny_config(**overrides):
+  """configs/tiny.py with `overrides` ({'dotted.field': value})."""
+  sys.path.insert(0, REPO)
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def flat_variables(params, batch_stats) -> dict[str, np.ndarray]:
+  """{'params': ..., 'batch_stats': ...} flattened to numpy with keystr names (as the worker)."""
+  tree = {'params': params, 'batch_stats': batch_stats}
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', CUDA_VISIBLE_DEVICES='', JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def start_worker(spec: dict, spec_path: str) -> subprocess.Popen:
+  """Starts tests/train_worker.py on `spec` (written to `spec_path`)."""
+  with open(spec_path, 'w') as f:
+    json.dump(spec, f)
+  return subprocess.Popen([sys.executable, WORKER, spec_path], cwd=REPO, env=worker_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float) -> str:
+  """Waits for `process`; returns its output, raising with the output when it failed."""
+  try:
+    output, _ = process.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    output, _ = process.communicate()
+    raise AssertionError(f'worker timed out after {timeout} s:\n{output[-6000:]}') from None
+  assert process.returncode == 0, f'worker failed ({process.returncode}):\n{output[-6000:]}'
+  return output
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  with np.load(path) as data:
+    return {k: data[k] for k in data.files}
+
+
+def assert_close_trees(got: dict, expected: dict, *, rtol: float, atol: float, what: str):
+  """Every array of `expected` is in `got` and agrees to rtol/atol (relative to its own scale)."""
+  assert set(got) == set(expected), (what, set(got) ^ set(expected))
+  for name, value in expected.items():
+    scale = max(1.0, float(np.max(np.abs(value))))
+    np.testing.assert_allclose(got[name], value, rtol=rtol, atol=atol * scale,
+                               err_msg=f'{what}: {name}')
