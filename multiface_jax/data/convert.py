@@ -20,7 +20,6 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import shutil
 import sys
@@ -71,7 +70,9 @@ def serialize_example(label, encoded):
       'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
       'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
   }
-  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+  example = tf.train.Example(features=tf.train.Features(feature=feature))
+  # Deterministic: protobuf maps otherwise serialize in an order that can vary between processes.
+  return example.SerializeToString(deterministic=True)
 
 
 def check_image(encoded, image_size):
@@ -157,14 +158,6 @@ def write_shard(folder, dst, name, keys, *, strict, check_images=True, on_record
   return result
 
 
-def _write_shard_in_worker(src, dst, name, keys, strict, check_images):
-  folder = emore.EmoreFolder(src)
-  try:
-    return write_shard(folder, dst, name, keys, strict=strict, check_images=check_images)
-  finally:
-    folder.close()
-
-
 def _finished_result(dst, name, planned_count):
   """The stored result of a shard whose file is complete, or None when it must be (re)written."""
   try:
@@ -177,6 +170,24 @@ def _finished_result(dst, name, planned_count):
       or result.get('num_images', -1) + len(result.get('skipped', ())) != planned_count):
     return None
   return result
+
+
+def _kept_results(dst, names, blocks, *, strict, rec_path):
+  """Results of the shards an earlier run finished; removes the partial files of killed runs."""
+  results = {}
+  for name, keys in zip(names, blocks):
+    result = _finished_result(dst, name, len(keys))
+    if result is None:
+      continue
+    if strict and result['skipped']:
+      key, reason = result['skipped'][0]
+      raise ConversionError(f'{rec_path}: key {key}: {reason} (kept from an earlier run '
+                            f'without --strict in {os.path.join(dst, name)})')
+    results[name] = result
+  for name in names:
+    if os.path.exists(os.path.join(dst, name + '.tmp')):
+      os.remove(os.path.join(dst, name + '.tmp'))
+  return results
 
 
 def _make_plan(folder, src, num_shards, seed):
@@ -235,7 +246,7 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     num_shards: number of shard files; default `default_num_shards(num_images)`.
     seed: seed of the global shuffle.
     strict: raise ConversionError on the first unusable record instead of skipping it.
-    workers: processes writing shards in parallel.
+    workers: threads writing shards in parallel.
     check_images: fully decode every image (slower; catches corrupt payloads now instead of
       mid-training).
     progress: show a tqdm progress bar.
@@ -267,15 +278,7 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     _claim_destination(dst, plan)
     blocks = plan_shards(folder.image_keys, num_shards, seed)
     names = [shard_name(j, num_shards) for j in range(num_shards)]
-    results = {}
-    for name, keys in zip(names, blocks):
-      result = _finished_result(dst, name, len(keys))
-      if result is not None:
-        if strict and result['skipped']:
-          key, reason = result['skipped'][0]
-          raise ConversionError(f'{folder.rec_path}: key {key}: {reason} (kept from an earlier '
-                                f'run without --strict in {dst}/{name})')
-        results[name] = result
+    results = _kept_results(dst, names, blocks, strict=strict, rec_path=folder.rec_path)
     todo = [(name, keys) for name, keys in zip(names, blocks) if name not in results]
     with tqdm.tqdm(total=folder.num_images, unit='img', disable=not progress,
                    desc=f'converting {os.path.basename(src)}') as bar:
@@ -285,7 +288,7 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
           results[name] = write_shard(folder, dst, name, keys, strict=strict,
                                       check_images=check_images, on_record=lambda: bar.update(1))
       else:
-        results.update(_write_in_processes(src, dst, todo, strict, check_images, workers, bar))
+        results.update(_write_in_threads(folder, dst, todo, strict, check_images, workers, bar))
     metadata = _metadata(folder, src, seed, [results[name] for name in names])
     if metadata['num_images'] == 0:
       raise ConversionError(f'no usable image in {src}: all {folder.num_images} records were '
@@ -298,18 +301,18 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     folder.close()
 
 
-def _write_in_processes(src, dst, todo, strict, check_images, workers, bar):
-  # spawn, not fork: TensorFlow's runtime threads do not survive a fork.
-  context = multiprocessing.get_context('spawn')
+def _write_in_threads(folder, dst, todo, strict, check_images, workers, bar):
+  # Threads, not processes: the time goes to libjpeg (PIL releases the GIL while decoding) and
+  # file writes, the memory-mapped reader is shared, and no process has to import TensorFlow.
   results = {}
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-    futures = {pool.submit(_write_shard_in_worker, src, dst, name, keys, strict, check_images):
-               len(keys) for name, keys in todo}
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    futures = [pool.submit(write_shard, folder, dst, name, keys, strict=strict,
+                           check_images=check_images, on_record=lambda: bar.update(1))
+               for name, keys in todo]
     try:
       for future in concurrent.futures.as_completed(futures):
         result = future.result()
         results[result['name']] = result
-        bar.update(futures[future])
     except BaseException:
       for future in futures:
         future.cancel()
@@ -358,7 +361,7 @@ def main(argv=None):
   flags.DEFINE_integer('seed', 0, 'seed of the global shuffle.', flag_values=flag_values)
   flags.DEFINE_boolean('strict', False, 'fail on the first unusable record instead of skipping.',
                        flag_values=flag_values)
-  flags.DEFINE_integer('workers', 1, 'processes writing shards in parallel.',
+  flags.DEFINE_integer('workers', 1, 'threads writing shards in parallel.',
                        flag_values=flag_values)
   flags.DEFINE_boolean('check_images', True, 'decode every image to catch corrupt ones.',
                        flag_values=flag_values)
