@@ -5,9 +5,11 @@ and yields `{'image': uint8 (B, H, W, 3) RGB, 'label': int32 (B,)}` numpy batche
 
 The example order is a pure function of (seed, process_index, process_count): every epoch
 permutes this process's shard files and shuffles their records with seeds derived from (seed,
-epoch), and the flip of the n-th example of the stream is drawn from (seed, n) with a stateless
-op. `start_step=k` therefore continues an interrupted run exactly (batches k, k+1, ...), and it
-gets there by dropping serialized records, before any image is decoded.
+process_index, epoch), and the flips of batch k are drawn from (seed, process_index, k) with a
+stateless op. `start_step=k` therefore continues an interrupted run exactly (batches k, k+1, ...),
+and it gets there by dropping serialized records, before any image is decoded. (tf.data's shuffle
+also mixes in TensorFlow's global seed: a process that calls `tf.random.set_seed` gets another,
+equally reproducible, order. Nothing in this project calls it.)
 
 Only this module and `data/convert.py` import TensorFlow; the training core never sees it.
 """
@@ -100,9 +102,10 @@ def process_shards(metadata, process_index=0, process_count=1):
   return shards[process_index::process_count]
 
 
-def _derived_seeds(seed):
+def _derived_seeds(seed, process_index):
   """Independent seeds for the three random decisions: file order, record shuffle, flips."""
-  file_seed, shuffle_seed, flip_seed = np.random.SeedSequence(seed).generate_state(3)
+  sequence = np.random.SeedSequence([seed, process_index])
+  file_seed, shuffle_seed, flip_seed = sequence.generate_state(3)
   return int(file_seed), int(shuffle_seed), int(flip_seed)
 
 
@@ -183,7 +186,7 @@ def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, proc
     raise ValueError(f'the shards of process {process_index} in {data_dir} hold no images')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
-  file_seed, shuffle_seed, flip_seed = _derived_seeds(seed)
+  file_seed, shuffle_seed, flip_seed = _derived_seeds(seed, process_index)
   cycle_length = min(_CYCLE_LENGTH, len(paths))
 
   if train:
