@@ -323,7 +323,7 @@ def test_mobilefacenet_bfloat16_returns_float32_unit_vectors(mobilefacenet_setup
   assert out.dtype == jnp.float32 and out.shape == (4, 512)
   np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
   cosine = np.sum(np.asarray(out) * np.asarray(embeddings), axis=1)
-  assert np.all(cosine > 0.9), cosine  # same function, lower precision
+  assert np.all(cosine > 0.999), cosine  # same function, lower precision (measured ~0.99996)
 
 
 def test_create_model_rejects_bad_names_options_and_shapes():
