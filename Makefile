@@ -11,10 +11,11 @@ PYTEST_WORKERS ?= 2
 
 venv: $(STAMP)
 
-# Rebuilt whenever requirements.txt changes.
-$(STAMP): requirements.txt
+# Rebuilt whenever a requirements file changes.
+$(STAMP): requirements.txt requirements-demo.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q "jax[cuda12]==$$(sed -n 's/^jax==//p' requirements.txt)"; fi
 	touch $(STAMP)
