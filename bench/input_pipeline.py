@@ -7,11 +7,12 @@ Writes `--num_images` 112x112 JPEGs (quality 90, like emore's) into TFRecord sha
 folder, the images cut from the two real photos that ship with scikit-learn (random crops,
 resized: face-like content, ~4 KB each). Then times `create_input_iter` over several epochs
 (shuffle-buffer refills included) and, as the baseline, a bare tf.data decode_jpeg + batch over
-the same bytes. Prints images/s (wall clock) and images per CPU-second of this process: the
-second is what one core can do even when other programs share the machine, the best round what
-it does when they leave it alone for a moment.
+the same bytes, the two timed in alternating phases. Prints images/s (wall clock; best and
+median phase) and images per CPU-second of this process: the second is what one core can do even
+when other programs share the machine.
 """
 import argparse
+import gc
 import io
 import json
 import os
@@ -61,20 +62,33 @@ def write_tfrecord_folder(data_dir, jpegs, num_images, num_shards, num_classes=1
     json.dump(metadata, f)
 
 
-def measure(batches, num_batches, batch_size, rounds=10, warmup=5):
-  """Times `rounds` equal runs of batches: returns (best, median) images/s and images/CPU-s."""
-  for _ in range(warmup):  # includes filling the shuffle buffer
-    next(batches)
-  per_round = max(1, num_batches // rounds)
-  rates = []
-  cpu = time.process_time()
-  for _ in range(rounds):
-    start = time.perf_counter()
-    for _ in range(per_round):
-      next(batches)
-    rates.append(per_round * batch_size / (time.perf_counter() - start))
-  per_cpu_second = rounds * per_round * batch_size / (time.process_time() - cpu)
-  return max(rates), float(np.median(rates)), per_cpu_second
+def measure(make_iterators, num_batches, batch_size, phases=3, warmup=5):
+  """Times each pipeline in `phases` alternating phases, each on a fresh iterator.
+
+  Alternating phases let both pipelines see similar machine load; a fresh iterator per phase
+  keeps the idle one from prefetching (and being billed) during the other's phase.
+
+  Returns:
+    {name: (best phase images/s, median phase images/s, images per CPU-second overall)}.
+  """
+  per_phase = max(1, num_batches // phases)
+  rates = {name: [] for name in make_iterators}
+  cpu_seconds = dict.fromkeys(make_iterators, 0.0)
+  for _ in range(phases):
+    for name, make in make_iterators.items():
+      batches = make()
+      for _ in range(warmup):  # includes filling the shuffle buffer
+        next(batches)
+      start, cpu = time.perf_counter(), time.process_time()
+      for _ in range(per_phase):
+        next(batches)
+      rates[name].append(per_phase * batch_size / (time.perf_counter() - start))
+      cpu_seconds[name] += time.process_time() - cpu
+      del batches
+      gc.collect()
+  images = phases * per_phase * batch_size
+  return {name: (max(r), float(np.median(r)), images / cpu_seconds[name])
+          for name, r in rates.items()}
 
 
 def main():
@@ -82,7 +96,8 @@ def main():
   parser.add_argument('--num_images', type=int, default=20_000)
   parser.add_argument('--num_shards', type=int, default=8)
   parser.add_argument('--batch_size', type=int, default=256)
-  parser.add_argument('--epochs', type=float, default=3.0, help='how much to time')
+  parser.add_argument('--epochs', type=float, default=3.0, help='images timed per pipeline')
+  parser.add_argument('--phases', type=int, default=3, help='alternating timed phases')
   parser.add_argument('--num_parallel_calls', type=int, default=tf.data.AUTOTUNE,
                       help='parallel decodes; -1 = AUTOTUNE')
   args = parser.parse_args()
@@ -103,15 +118,16 @@ def main():
     baseline = (tf.data.TFRecordDataset(files).repeat()
                 .map(decode, num_parallel_calls=args.num_parallel_calls)
                 .batch(args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-    rates = {'decode + batch only (baseline)': measure(
-        baseline.as_numpy_iterator(), num_batches, args.batch_size)}
-    batches = input_pipeline.create_input_iter(
-        data_dir, args.batch_size, seed=0, num_parallel_calls=args.num_parallel_calls)
-    rates['create_input_iter (shuffle, decode, flip, batch)'] = measure(
-        batches, num_batches, args.batch_size)
+    def pipeline():
+      return input_pipeline.create_input_iter(data_dir, args.batch_size, seed=0,
+                                              num_parallel_calls=args.num_parallel_calls)
+    make_iterators = {'decode + batch only (baseline)': baseline.as_numpy_iterator,
+                      'create_input_iter (shuffle, decode, flip, batch)': pipeline}
+    rates = measure(make_iterators, num_batches, args.batch_size, phases=args.phases)
   for name, (best, median, per_cpu_second) in rates.items():
-    print(f'{name}: {best:,.0f} images/s (best of 10 rounds), {median:,.0f} (median round), '
+    print(f'{name}: {best:,.0f} images/s (best phase), {median:,.0f} (median phase), '
           f'{per_cpu_second:,.0f} images per CPU-second')
+
 
 if __name__ == '__main__':
   main()

@@ -33,6 +33,7 @@ _FOREVER = np.iinfo(np.int64).max
 # Shards interleaved at once: more mixing across files for a few MiB of read buffers.
 _CYCLE_LENGTH = 8
 _READ_BUFFER_BYTES = 256 * 1024
+_BAD_LABEL = 'label out of range:'
 _FEATURES = {
     'image': tf.io.FixedLenFeature([], tf.string),
     'label': tf.io.FixedLenFeature([], tf.int64),
@@ -109,8 +110,7 @@ def _derived_seeds(seed, process_index):
   return int(file_seed), int(shuffle_seed), int(flip_seed)
 
 
-def parse_batch(serialized, flip_seed, step, *, num_classes, shard_paths=None,
-                record_indices=None):
+def parse_batch(serialized, flip_seed, step, *, num_classes):
   """Parses a batch of serialized tf.train.Examples and draws their flips.
 
   Vectorised: one protobuf parse per batch, not per image. The flips of batch `step` depend only
@@ -121,7 +121,6 @@ def parse_batch(serialized, flip_seed, step, *, num_classes, shard_paths=None,
     flip_seed: int seed of the flips, or None for no flips (evaluation).
     step: index of this batch in the stream (int64 scalar).
     num_classes: labels must lie in [0, num_classes).
-    shard_paths, record_indices: (B,) origin of each record, named in the label error.
 
   Returns:
     {'encoded': string (B,), 'label': int32 (B,), 'flip': bool (B,)}.
@@ -134,20 +133,15 @@ def parse_batch(serialized, flip_seed, step, *, num_classes, shard_paths=None,
   else:
     seed = tf.stack([tf.constant(flip_seed, tf.int64), tf.cast(step, tf.int64)])
     flips = tf.random.stateless_uniform([batch], seed=seed) < 0.5
-  return {'encoded': example['image'],
-          'label': _check_labels(labels, num_classes, shard_paths, record_indices),
+  return {'encoded': example['image'], 'label': _check_labels(labels, num_classes),
           'flip': flips}
 
 
-def _check_labels(labels, num_classes, shard_paths, record_indices):
+def _check_labels(labels, num_classes):
   bad = tf.logical_or(labels < 0, labels >= num_classes)
-  first_bad = tf.argmax(tf.cast(bad, tf.int32))
-  where = [] if shard_paths is None else [
-      'at record', tf.gather(record_indices, first_bad), 'of', tf.gather(shard_paths, first_bad)]
   check = tf.debugging.Assert(
       tf.logical_not(tf.reduce_any(bad)),
-      ['label', tf.gather(labels, first_bad), f'outside [0, {num_classes})', *where,
-       '(the converter checks labels against property: rerun it)'])
+      [_BAD_LABEL, tf.boolean_mask(labels, bad), f'outside [0, {num_classes})'])
   with tf.control_dependencies([check]):
     return tf.cast(labels, tf.int32)
 
@@ -164,12 +158,10 @@ def decode_image(encoded, flip, image_size):
 
 
 def _read_records(paths, cycle_length):
-  """Records of `paths` (a string tensor) interleaved, as (path, index in its file, record)."""
-  def read_one(path):
-    records = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).enumerate()
-    return records.map(lambda index, record: (path, index, record))
+  """Serialized records of `paths` (a string tensor), `cycle_length` files interleaved."""
   return tf.data.Dataset.from_tensor_slices(paths).interleave(
-      read_one, cycle_length=cycle_length, block_length=1)
+      lambda path: tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES),
+      cycle_length=cycle_length, block_length=1)
 
 
 def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, process_index=0,
@@ -211,10 +203,8 @@ def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, proc
     records = _read_records(tf.constant(paths), 1).batch(batch_size)
     steps = tf.data.Dataset.range(_FOREVER)
 
-  def parse(step, tagged_records):
-    shard_paths, record_indices, serialized = tagged_records
-    return parse_batch(serialized, flip_seed, step, num_classes=num_classes,
-                       shard_paths=shard_paths, record_indices=record_indices)
+  def parse(step, serialized):
+    return parse_batch(serialized, flip_seed, step, num_classes=num_classes)
 
   # Parse whole batches (cheap), decode image by image (where the time goes), then re-form the
   # very same batches: every parsed batch holds exactly batch_size records except the last one.
@@ -235,18 +225,28 @@ def _op_error_text(error):
   return re.sub(r'\s*\[Op:\w+\].*$', '', text, flags=re.S).strip()
 
 
-def _find_unreadable_shard(paths):
-  """Reads the shards (without decoding) to name the first one TFRecord cannot read."""
+def _find_bad_record(paths, num_classes):
+  """Names the first record that TFRecord cannot read or whose label is out of range.
+
+  Runs only after the pipeline failed: it reads and parses, but decodes nothing.
+  """
   for path in paths:
+    labels = tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES).batch(1024).map(
+        lambda serialized: tf.io.parse_example(serialized, _FEATURES)['label'])
+    position = 0
     try:
-      for _ in tf.data.TFRecordDataset(path, buffer_size=_READ_BUFFER_BYTES):
-        pass
+      for chunk in labels.as_numpy_iterator():
+        bad = np.flatnonzero((chunk < 0) | (chunk >= num_classes))
+        if bad.size:
+          return (f'{path}: record {position + bad[0]} has label {chunk[bad[0]]}, outside '
+                  f'[0, {num_classes})')
+        position += len(chunk)
     except tf.errors.OpError as e:
       return f'{path}: {_op_error_text(e)}'
   return None
 
 
-def _numpy_batches(ds, description, paths):
+def _numpy_batches(ds, description, paths, num_classes):
   iterator = ds.as_numpy_iterator()
   while True:
     try:
@@ -255,8 +255,8 @@ def _numpy_batches(ds, description, paths):
       return
     except tf.errors.OpError as e:
       problem = _op_error_text(e)
-      if isinstance(e, tf.errors.DataLossError):
-        problem = _find_unreadable_shard(paths) or problem
+      if isinstance(e, tf.errors.DataLossError) or _BAD_LABEL in problem:
+        problem = _find_bad_record(paths, num_classes) or problem
       raise ValueError(
           f'reading {description} failed: {problem}\nA shard is corrupt (truncated copy, disk '
           'error) or was not written by multiface_jax.data.convert; rerun the converter into a '
@@ -329,4 +329,5 @@ def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, p
                       shuffle_buffer_size=shuffle_buffer_size, metadata=metadata)
   paths = [os.path.join(os.fspath(data_dir), shard['name'])
            for shard in process_shards(metadata, process_index, process_count)]
-  return _numpy_batches(ds, f'{data_dir} (process {process_index} of {process_count})', paths)
+  return _numpy_batches(ds, f'{data_dir} (process {process_index} of {process_count})', paths,
+                        int(metadata['num_classes']))
