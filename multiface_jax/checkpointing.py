@@ -112,7 +112,8 @@ def load_backbone_variables(path: str, abstract_variables: Mapping[str, Any]) ->
 
   Raises:
     FileNotFoundError: no checkpoint at `path`.
-    ValueError: the checkpoint's tree does not fit the configured backbone.
+    ValueError: the checkpoint's variables do not fit the configured backbone (checked on
+      its metadata before anything is read).
   """
   path = os.path.abspath(path)
   item_dir = os.path.join(path, STATE_ITEM) if os.path.isdir(os.path.join(path, STATE_ITEM)) else path
@@ -129,31 +130,33 @@ def load_backbone_variables(path: str, abstract_variables: Mapping[str, Any]) ->
     keys = sorted(saved_tree) if isinstance(saved_tree, Mapping) else type(saved_tree).__name__
     raise ValueError(f'{item_dir}: expected a checkpoint with params and batch_stats, found {keys}.')
   nested = 'backbone' in saved_tree['params']
+  saved = {'params': saved_tree['params']['backbone'] if nested else saved_tree['params'],
+           'batch_stats': saved_tree['batch_stats']}
+  # Checked on the metadata, before Orbax starts reading, so that a mismatch is one clear error.
+  _check_fits(item_dir, abstract_variables, saved)
   target = {'params': ({'backbone': abstract_variables['params']} if nested
                        else abstract_variables['params']),
             'batch_stats': abstract_variables['batch_stats']}
-  try:
-    restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'{item_dir}: its variables do not fit the configured backbone (check '
-                     f'config.model.name and config.model.options): {e}') from e
+  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True))
   params = restored['params']['backbone'] if nested else restored['params']
-  _check_same_tree(item_dir, abstract_variables, {'params': params,
-                                                  'batch_stats': restored['batch_stats']})
   logging.info('Loaded backbone variables from %s', item_dir)
   return {'params': params, 'batch_stats': restored['batch_stats']}
 
 
-def _check_same_tree(path: str, expected: Any, got: Any) -> None:
-  """Raises ValueError naming the first differing leaf when shapes or structure differ."""
-  expected_leaves = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
-  got_leaves = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  for key, leaf in expected_leaves.items():
+def _check_fits(path: str, expected: Any, saved: Any) -> None:
+  """Raises ValueError naming the first leaf of `expected` that `saved` lacks or shapes
+  differently (`saved` may hold more)."""
+  saved_leaves = {jax.tree_util.keystr(k): v
+                  for k, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
+  hint = 'check config.model.name and config.model.options'
+  for key, leaf in jax.tree_util.tree_flatten_with_path(expected)[0]:
     name = jax.tree_util.keystr(key)
-    if key not in got_leaves:
-      raise ValueError(f'{path}: the checkpoint lacks {name}; is it for this backbone?')
-    if tuple(got_leaves[key].shape) != tuple(leaf.shape):
-      raise ValueError(f'{path}: {name} has shape {tuple(got_leaves[key].shape)}, the configured '
-                       f'backbone expects {tuple(leaf.shape)}.')
+    if name not in saved_leaves:
+      raise ValueError(f'{path}: the checkpoint lacks {name}, so its variables do not fit the '
+                       f'configured backbone ({hint}).')
+    shape = tuple(getattr(saved_leaves[name], 'shape', ()))
+    if shape != tuple(leaf.shape):
+      raise ValueError(f'{path}: {name} has shape {shape}, the configured backbone expects '
+                       f'{tuple(leaf.shape)} ({hint}).')

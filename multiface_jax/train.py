@@ -314,6 +314,7 @@ def _train_loop(trainer, config, workdir, plan, writer, manager, watcher) -> Tra
     if bad is None and params_too and not bool(trainer.all_finite(state.params)):
       bad = step
     if bad is not None:
+      manager.wait_until_finished()  # an earlier, good save may still be in flight
       last = manager.latest_step()
       raise FloatingPointError(
           f'Non-finite loss or parameters between steps {checked_step + 1} and {step} (first '

@@ -139,11 +139,22 @@ def test_eval_mode_restores_the_latest_checkpoint_or_imported_weights(reference,
   from_weights = train.evaluate(config, str(tmp_path / 'eval_run'), checkpoint=str(weights))
   assert from_weights['pairs20']['accuracy_mean'] == from_run['pairs20']['accuracy_mean']
   assert from_weights['pairs20']['xnorm'] == pytest.approx(from_run['pairs20']['xnorm'])
+  # Fine-tuning from imported weights: the backbone is theirs, the head is new.
+  finetune = lib.tiny_config(**{**lib.REAL_DATA_OVERRIDES, 'data_dir': config.data_dir,
+                                'init_checkpoint': str(weights)})
+  fresh = train.Trainer(finetune).fresh_state()
+  lib.assert_close_trees(lib.flat_variables(fresh.params['backbone'], fresh.batch_stats),
+                         lib.flat_variables(state.params['backbone'], state.batch_stats),
+                         rtol=0, atol=0, what='init_checkpoint backbone')
+  assert int(fresh.step) == 0
+  assert not np.allclose(fresh.params['head']['kernel'], state.params['head']['kernel'])
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
     train.evaluate(config, str(tmp_path / 'empty'))
+  with pytest.raises(FileNotFoundError, match='no checkpoint there'):
+    train.evaluate(config, workdir, checkpoint=str(tmp_path / 'missing'))
   wrong = lib.tiny_config(data_dir=config.data_dir, **{'model.options.depthwise_impl': 'lax'})
   wrong.model.name = 'mobilefacenet'
-  with pytest.raises(ValueError, match='configured backbone'):
+  with pytest.raises(ValueError, match='do not fit the configured backbone'):
     train.evaluate(wrong, workdir)
 
 
@@ -169,9 +180,11 @@ def test_eight_devices_with_a_class_sharded_head_match_one_device(reference, tmp
 
 def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
   workdir = tmp_path / 'preempted'
+  # Through main.py, with bf16 compute and gradient accumulation on the way.
   command = [sys.executable, 'main.py', '--config=configs/tiny.py', f'--workdir={workdir}',
              '--config.num_train_steps=100000', '--config.log_every_steps=1',
-             '--config.checkpoint_every_steps=100000']
+             '--config.checkpoint_every_steps=100000', '--config.model.dtype=bfloat16',
+             '--config.grad_accum_steps=2']
   process = subprocess.Popen(command, cwd=lib.REPO, env=lib.worker_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
@@ -188,6 +201,9 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
   assert 'Preemption signal: saved step' in stderr
   saved = int(stderr.split('Preemption signal: saved step ')[1].split()[0])
   assert saved >= 2 and _steps_on_disk(str(workdir)) == [saved]
-  state, meta = _restore(lib.tiny_config(), str(workdir))
+  config = lib.tiny_config(**{'model.dtype': 'bfloat16', 'grad_accum_steps': 2})
+  state, meta = _restore(config, str(workdir))
   assert int(state.step) == saved == meta['step']
-  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+  assert all(x.dtype == np.float32 and np.all(np.isfinite(np.asarray(x)))
+             for x in jax.tree.leaves(state.params))  # bf16 compute, float32 parameters
+  assert int(state.opt_state.mini_step) == saved % 2  # the accumulation phase is saved too

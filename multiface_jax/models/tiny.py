@@ -25,12 +25,14 @@ class TinyFaceNet(nn.Module):
   Attributes:
     embedding_size: size of the output embedding.
     widths: channels of the four stride-2 stages.
-    depthwise_impl: implementation of the global depthwise conv (see ``layers``).
+    depthwise_impl: implementation of the global depthwise conv (see ``layers``); 'lax' by
+      default: on a 7x7 map it is one dot product per channel, and the CPU 'shifted' form
+      costs several seconds more to compile (measured 9.6 s vs 3.7 s for a training step).
     dtype: compute dtype; params and the output are float32.
   """
   embedding_size: int = 512
   widths: Sequence[int] = (8, 16, 16, 32)
-  depthwise_impl: str = 'auto'
+  depthwise_impl: str = 'lax'
   dtype: Any = jnp.float32
 
   @nn.compact
