@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 
-from bench.input_pipeline import make_face_like_jpegs
 from multiface_jax.data import convert
 from multiface_jax.data import recordio
 
@@ -56,6 +55,9 @@ def main():
   parser.add_argument('--num_shards', type=int, default=8)
   parser.add_argument('--workers', type=int, nargs='+', default=[1, 2])
   args = parser.parse_args()
+  # Imported here, not at the top: the converter's spawned workers re-import this script, and
+  # this import pulls in TensorFlow, which they must not pay for.
+  from bench.input_pipeline import make_face_like_jpegs  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'emore')
     os.makedirs(src)

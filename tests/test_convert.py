@@ -175,9 +175,11 @@ def damage_three(key, header, payload):
   return None
 
 
-def test_unusable_records_are_skipped_and_reported(tmp_path, mxnet_images):
+@pytest.mark.parametrize('workers', [1, 2])
+def test_unusable_records_are_skipped_and_reported(tmp_path, mxnet_images, workers):
   src = corrupt_copy(tmp_path, damage_three)
-  metadata = convert.convert(src, tmp_path / 'out', num_shards=2, progress=False)
+  metadata = convert.convert(src, tmp_path / 'out', num_shards=2, workers=workers,
+                             progress=False)
   assert metadata['skipped'] == [3, 7, 12]
   reasons = metadata['skip_reasons']
   assert 'does not decode' in reasons['3']
@@ -191,11 +193,12 @@ def test_unusable_records_are_skipped_and_reported(tmp_path, mxnet_images):
   assert 'skipped 3 unusable records' in summary and 'key 7: label 9.0' in summary
 
 
-def test_strict_fails_on_the_first_bad_record_and_writes_no_metadata(tmp_path):
+@pytest.mark.parametrize('workers', [1, 2])
+def test_strict_fails_on_the_first_bad_record_and_writes_no_metadata(tmp_path, workers):
   src = corrupt_copy(tmp_path, damage_three)
   dst = tmp_path / 'out'
   with pytest.raises(convert.ConversionError, match=r'train\.rec: key (3|7|12): .*--strict'):
-    convert.convert(src, dst, num_shards=1, strict=True, progress=False)
+    convert.convert(src, dst, num_shards=1, strict=True, workers=workers, progress=False)
   assert not (dst / 'metadata.json').exists()
   assert not [name for name in os.listdir(dst) if name.endswith(('.tmp', '.tfrecord'))]
   # A shard kept from a lenient run does not make a strict rerun pass either.

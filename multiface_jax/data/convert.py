@@ -14,19 +14,19 @@ Records that cannot be used (unreadable, label outside [0, num_classes) of `prop
 that is not a decodable JPEG/PNG of property's image size) are skipped and reported by key, or
 stop the conversion with `strict=True`.
 """
-import concurrent.futures
 import filecmp
 import hashlib
 import io
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
 import sys
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 import tqdm
 
 from multiface_jax.data import emore
@@ -66,6 +66,7 @@ def plan_shards(image_keys, num_shards, seed):
 
 def serialize_example(label, encoded):
   """Returns the bytes of a tf.train.Example {'image': encoded bytes, 'label': int64}."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see _check_chunk)
   feature = {
       'image': tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
       'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[int(label)])),
@@ -108,22 +109,51 @@ def _result_path(dst, name):
   return os.path.join(dst, PROGRESS_DIR, name + '.json')
 
 
-def write_shard(folder, dst, name, keys, *, strict, check_images=True, on_record=None):
-  """Writes the records `keys` of `folder` into `dst/name` and stores the shard's result.
+def record_problem(folder, key, check_images=True):
+  """Why the image record `key` of `folder` cannot be used, or None when it can."""
+  try:
+    _, encoded = folder.read_image(key)
+  except recordio.RecordIOError as e:
+    return e.reason
+  return check_image(encoded, folder.image_size) if check_images else None
+
+
+_worker_folder = None
+
+
+def _open_worker_folder(src):
+  global _worker_folder
+  _worker_folder = emore.EmoreFolder(src)
+
+
+def _check_chunk(keys):
+  # Runs in a worker process. This module imports TensorFlow only inside the functions that
+  # write, so a (spawned) worker starts in a second instead of importing TF.
+  return [record_problem(_worker_folder, key) for key in keys]
+
+
+def _problems_from_workers(pool, blocks, chunk_size=256):
+  """record_problem of every key of `blocks`, in order, computed ahead by the worker pool."""
+  chunks = [block[i:i + chunk_size] for block in blocks for i in range(0, len(block), chunk_size)]
+  return itertools.chain.from_iterable(pool.imap(_check_chunk, chunks))
+
+
+def write_shard(folder, dst, name, keys, problems, *, strict, on_record=None):
+  """Writes the usable records `keys` of `folder` into `dst/name` and stores the shard's result.
 
   Args:
     folder: an open `EmoreFolder`.
     dst: output folder.
     name: shard file name.
     keys: image keys in writing order.
+    problems: iterator of `record_problem(folder, key)` for these keys, in order.
     strict: raise ConversionError on the first unusable record instead of skipping it.
-    check_images: decode every image (catches corrupt payloads; the pipeline would crash on
-      them mid-training).
     on_record: called after each record (progress bar).
 
   Returns:
     {'name', 'num_images', 'num_bytes', 'skipped': [[key, reason], ...]}.
   """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (see _check_chunk)
   path = os.path.join(dst, name)
   tmp = path + '.tmp'
   skipped = []
@@ -132,18 +162,14 @@ def write_shard(folder, dst, name, keys, *, strict, check_images=True, on_record
     with tf.io.TFRecordWriter(tmp) as writer:
       for key in keys:
         key = int(key)
-        try:
-          label, encoded = folder.read_image(key)
-          reason = check_image(encoded, folder.image_size) if check_images else None
-        except recordio.RecordIOError as e:
-          reason = e.reason
+        reason = next(problems)
         if reason is not None:
           if strict:
             raise ConversionError(f'{folder.rec_path}: key {key}: {reason} (run without '
                                   '--strict to skip such records and list them)')
           skipped.append([key, reason])
         else:
-          writer.write(serialize_example(label, encoded))
+          writer.write(serialize_example(*folder.read_image(key)))
           written += 1
         if on_record is not None:
           on_record()
@@ -246,7 +272,7 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     num_shards: number of shard files; default `default_num_shards(num_images)`.
     seed: seed of the global shuffle.
     strict: raise ConversionError on the first unusable record instead of skipping it.
-    workers: threads writing shards in parallel.
+    workers: processes checking images in parallel (with check_images).
     check_images: fully decode every image (slower; catches corrupt payloads now instead of
       mid-training).
     progress: show a tqdm progress bar.
@@ -280,15 +306,25 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     names = [shard_name(j, num_shards) for j in range(num_shards)]
     results = _kept_results(dst, names, blocks, strict=strict, rec_path=folder.rec_path)
     todo = [(name, keys) for name, keys in zip(names, blocks) if name not in results]
-    with tqdm.tqdm(total=folder.num_images, unit='img', disable=not progress,
-                   desc=f'converting {os.path.basename(src)}') as bar:
-      bar.update(sum(len(keys) for name, keys in zip(names, blocks) if name in results))
-      if workers <= 1 or len(todo) <= 1:
+    pool = None
+    if check_images and workers > 1 and todo:
+      # The image check (a full decode) is the slow part and holds the GIL: worker processes do
+      # it ahead of this one, which writes the shards in order, so the output is the same.
+      pool = multiprocessing.get_context('spawn').Pool(
+          workers, initializer=_open_worker_folder, initargs=(src,))
+      problems = _problems_from_workers(pool, [keys for _, keys in todo])
+    else:
+      problems = (record_problem(folder, key, check_images) for _, keys in todo for key in keys)
+    try:
+      with tqdm.tqdm(total=folder.num_images, unit='img', disable=not progress,
+                     desc=f'converting {os.path.basename(src)}') as bar:
+        bar.update(folder.num_images - sum(len(keys) for _, keys in todo))
         for name, keys in todo:
-          results[name] = write_shard(folder, dst, name, keys, strict=strict,
-                                      check_images=check_images, on_record=lambda: bar.update(1))
-      else:
-        results.update(_write_in_threads(folder, dst, todo, strict, check_images, workers, bar))
+          results[name] = write_shard(folder, dst, name, keys, problems, strict=strict,
+                                      on_record=lambda: bar.update(1))
+    finally:
+      if pool is not None:
+        pool.terminate()
     metadata = _metadata(folder, src, seed, [results[name] for name in names])
     if metadata['num_images'] == 0:
       raise ConversionError(f'no usable image in {src}: all {folder.num_images} records were '
@@ -299,25 +335,6 @@ def convert(src, dst, *, num_shards=None, seed=0, strict=False, workers=1, check
     return metadata
   finally:
     folder.close()
-
-
-def _write_in_threads(folder, dst, todo, strict, check_images, workers, bar):
-  # Threads, not processes: the time goes to libjpeg (PIL releases the GIL while decoding) and
-  # file writes, the memory-mapped reader is shared, and no process has to import TensorFlow.
-  results = {}
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    futures = [pool.submit(write_shard, folder, dst, name, keys, strict=strict,
-                           check_images=check_images, on_record=lambda: bar.update(1))
-               for name, keys in todo]
-    try:
-      for future in concurrent.futures.as_completed(futures):
-        result = future.result()
-        results[result['name']] = result
-    except BaseException:
-      for future in futures:
-        future.cancel()
-      raise
-  return results
 
 
 def _metadata(folder, src, seed, results):
@@ -361,7 +378,7 @@ def main(argv=None):
   flags.DEFINE_integer('seed', 0, 'seed of the global shuffle.', flag_values=flag_values)
   flags.DEFINE_boolean('strict', False, 'fail on the first unusable record instead of skipping.',
                        flag_values=flag_values)
-  flags.DEFINE_integer('workers', 1, 'threads writing shards in parallel.',
+  flags.DEFINE_integer('workers', 1, 'processes decoding images for the check in parallel.',
                        flag_values=flag_values)
   flags.DEFINE_boolean('check_images', True, 'decode every image to catch corrupt ones.',
                        flag_values=flag_values)
