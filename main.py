@@ -37,14 +37,18 @@ def _is_multihost() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it.
+    logging.set_verbosity(logging.WARNING)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   # TensorFlow (tf.data) must not take GPU memory that JAX owns.
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   tf.config.set_visible_devices([], 'GPU')
   import jax  # pylint: disable=import-outside-toplevel
   if _is_multihost():
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-  logging.info('JAX process %d/%d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if jax.process_index() == 0:
+    print(f'JAX: {jax.process_count()} process(es), {jax.device_count()} device(s) '
+          f'({jax.devices()[0].platform}), {jax.local_device_count()} on this host.', flush=True)
 
   from multiface_jax import train  # pylint: disable=import-outside-toplevel
   if FLAGS.mode == 'train':

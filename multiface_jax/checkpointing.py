@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+from etils import epath
 
 CHECKPOINT_SUBDIR = 'checkpoints'
 STATE_ITEM = 'state'
@@ -42,8 +43,10 @@ def create_checkpoint_manager(workdir: str, *, max_to_keep: int,
     A ``CheckpointManager`` with items ``state`` (pytree) and ``meta`` (JSON). Saves are
     asynchronous: call ``wait_until_finished()`` before exiting.
   """
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
+  if read_only:  # (Orbax warns about any saving option given to a read-only manager)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  else:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_names=(STATE_ITEM, META_ITEM))
 
@@ -121,9 +124,10 @@ def load_backbone_variables(path: str, abstract_variables: Mapping[str, Any]) ->
     raise FileNotFoundError(f'{path}: no checkpoint there. Pass a step folder '
                             '(workdir/checkpoints/<step>) or a {params, batch_stats} checkpoint '
                             'written by python -m multiface_jax.import_torch.')
-  checkpointer = ocp.PyTreeCheckpointer()
   try:
-    saved_tree = checkpointer.metadata(item_dir).item_metadata.tree
+    # The handler reads the item's own tree metadata (the checkpointer would also look for
+    # step-level metadata, which an item folder of a training checkpoint does not hold).
+    saved_tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(item_dir)).tree
   except Exception as e:  # Orbax raises several types for "not a checkpoint".
     raise FileNotFoundError(f'{item_dir}: not an Orbax checkpoint ({e}).') from e
   if not isinstance(saved_tree, Mapping) or not {'params', 'batch_stats'} <= set(saved_tree):
@@ -137,7 +141,7 @@ def load_backbone_variables(path: str, abstract_variables: Mapping[str, Any]) ->
   target = {'params': ({'backbone': abstract_variables['params']} if nested
                        else abstract_variables['params']),
             'batch_stats': abstract_variables['batch_stats']}
-  restored = checkpointer.restore(item_dir, args=ocp.args.PyTreeRestore(
+  restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
   params = restored['params']['backbone'] if nested else restored['params']

@@ -291,13 +291,14 @@ def _train_loop(trainer, config, workdir, plan, writer, manager, watcher) -> Tra
   else:
     state, meta = restored
     trainer.check_resumable(meta, workdir)
-    logging.info('Resumed %s at step %d on %d devices (saved on %s).', workdir, int(state.step),
-                 jax.device_count(), meta.get('num_devices'))
+    _announce(f'Resumed {workdir} at step {int(state.step)} on {jax.device_count()} devices '
+              f'(saved on {meta.get("num_devices")}).')
   start_step = int(state.step)
   last_saved = start_step if restored is not None else -1
-  logging.info('Run: %d steps (%d per epoch), global batch %d, mesh %s, %d classes.',
-               plan.total_steps, plan.steps_per_epoch, config.batch_size,
-               dict(trainer.mesh.shape), trainer.facts.num_classes)
+  _announce(f'Run: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), global batch '
+            f'{config.batch_size}, mesh {dict(trainer.mesh.shape)}, '
+            f'{trainer.facts.num_classes} classes, {config.model.name} '
+            f'({config.model.dtype}), {config.head.kind} x{config.head.num_spheres}.')
 
   evaluator = _create_evaluator(config) if config.eval_during_training else None
   eval_apply = functools.partial(trainer.model.apply, train=False)
@@ -362,6 +363,14 @@ def _train_loop(trainer, config, workdir, plan, writer, manager, watcher) -> Tra
   if last_saved != step and step > 0:
     save(step)
   return state
+
+
+def _announce(message: str) -> None:
+  """A run-level fact for the console (process 0 prints; the others log it)."""
+  if jax.process_index() == 0:
+    print(message, flush=True)
+  else:
+    logging.info(message)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_testlib as lib
-from multiface_jax import checkpointing, train
+from multiface_jax import checkpointing, parallel, train
 
 
 @pytest.fixture(scope='module')
@@ -207,3 +207,31 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
   assert all(x.dtype == np.float32 and np.all(np.isfinite(np.asarray(x)))
              for x in jax.tree.leaves(state.params))  # bf16 compute, float32 parameters
   assert int(state.opt_state.mini_step) == saved % 2  # the accumulation phase is saved too
+
+
+def test_synthetic_batches_do_not_depend_on_the_process_layout():
+  common = dict(num_classes=5, image_size=(4, 4), seed=3)
+  whole = train.synthetic_batches(8, **common, start_step=1)
+  halves = [train.synthetic_batches(8, **common, start_step=1, process_index=i, process_count=2)
+            for i in range(2)]
+  for _ in range(5):  # wraps around the 4 distinct batches
+    expected = next(whole)
+    parts = [next(h) for h in halves]
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
+  restarted = train.synthetic_batches(8, **common, start_step=6)
+  np.testing.assert_array_equal(next(restarted)['image'], next(whole)['image'])
+
+
+def test_mesh_and_batch_errors_name_the_fix():
+  with pytest.raises(ValueError, match='model_axis_size=2 must be >= 1 and divide the 1 devices'):
+    parallel.create_mesh(2)
+  mesh = parallel.create_mesh(1)
+  assert parallel.check_batch_size(8, mesh) == 8
+  abstract = {'head': {'kernel': jax.ShapeDtypeStruct((2, 4, 7), np.float32)}}
+  sharding = parallel.state_shardings(mesh, abstract)['head']['kernel']
+  assert sharding.spec == jax.sharding.PartitionSpec()  # no model axis: replicated
+  # 7 classes cannot be split over a model axis of 2 (shape-only mesh: no devices needed).
+  two_way = jax.sharding.AbstractMesh((1, 2), ('data', 'model'))
+  with pytest.raises(ValueError, match=r'7 classes.*model_axis_size=2.*\[1, 7\]'):
+    parallel.state_shardings(two_way, abstract)
