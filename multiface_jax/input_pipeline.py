@@ -167,7 +167,11 @@ def _read_records(paths, cycle_length):
 def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, process_index=0,
                    process_count=1, num_parallel_calls=AUTOTUNE, shuffle_buffer_size=16_384,
                    metadata=None):
-  """Builds the tf.data pipeline (see `create_input_iter`, which wraps it for numpy)."""
+  """Builds the tf.data pipeline that `create_input_iter` wraps for numpy (same arguments).
+
+  Returns:
+    A tf.data.Dataset of {'image': uint8 (B, h, w, 3), 'label': int32 (B,)}.
+  """
   metadata = metadata or read_metadata(data_dir)
   image_size = tuple(metadata['image_size'])
   num_classes = int(metadata['num_classes'])
@@ -186,8 +190,9 @@ def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, proc
       order = tf.random.experimental.stateless_shuffle(
           tf.range(len(paths)), seed=tf.stack([tf.constant(file_seed, tf.int64), epoch]))
       records = _read_records(tf.gather(tf.constant(paths), order), cycle_length)
-      # Shuffle within the epoch, then move to the next one: shuffling after a repeat would
-      # blur epoch boundaries and make the position of a step depend on the buffer's history.
+      # Shuffle each epoch on its own, then start the next (shuffle before repeat): no example
+      # comes twice before all have come once, and a resume can turn its step into (epoch,
+      # offset) arithmetically because epochs end exactly where they should.
       return records.shuffle(shuffle_buffer_size, seed=shuffle_seed + epoch,
                              reshuffle_each_iteration=False)
 
