@@ -234,6 +234,13 @@ def test_destination_of_another_conversion_is_refused_untouched(tmp_path):
   with pytest.raises(convert.ConversionError, match=r'other settings.*differs in .*seed'):
     convert.convert(EMORE, dst, num_shards=2, seed=1, progress=False)
   assert tree_digest(dst) == before
+  # A source re-created since (same keys, new train.rec) is not mixed with the old shards.
+  src = tmp_path / 'src'
+  shutil.copytree(EMORE, src)
+  convert.convert(src, tmp_path / 'from_copy', num_shards=2, progress=False)
+  os.utime(src / 'train.rec', ns=(1, 1))
+  with pytest.raises(convert.ConversionError, match=r'differs in train_rec_mtime_ns'):
+    convert.convert(src, tmp_path / 'from_copy', num_shards=2, progress=False)
   foreign = tmp_path / 'foreign'
   foreign.mkdir()
   (foreign / 'train-00000-of-00001.tfrecord').write_bytes(b'someone else')

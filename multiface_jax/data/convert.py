@@ -221,7 +221,10 @@ def _make_plan(folder, src, num_shards, seed):
   return {
       'version': PLAN_VERSION,
       'source': src,
+      # Size and modification time stand in for the content (hashing 6 GB would take minutes):
+      # a re-created source does not get mixed with shards of the old one.
       'train_rec_bytes': os.path.getsize(folder.rec_path),
+      'train_rec_mtime_ns': os.stat(folder.rec_path).st_mtime_ns,
       'num_image_keys': int(keys.size),
       'image_keys_sha256': hashlib.sha256(keys.tobytes()).hexdigest(),
       'num_shards': num_shards,
