@@ -133,10 +133,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: nn.Modu
   return new_state, metrics
 
 
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects config values the loop cannot run with, naming the field and the valid range."""
+  if config.model.dtype not in COMPUTE_DTYPES:
+    raise ValueError(f'model.dtype={config.model.dtype!r}; valid: {COMPUTE_DTYPES}.')
+  for field in ('batch_size', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+                'grad_accum_steps', 'eval_batch_size'):
+    if config[field] < 1:
+      raise ValueError(f'{field}={config[field]} must be >= 1.')
+  if EMBEDDING_SIZE % config.head.num_spheres:
+    raise ValueError(f'head.num_spheres={config.head.num_spheres} must divide the '
+                     f'{EMBEDDING_SIZE}-d embedding.')
+
+
 class Trainer:
   """Builds everything a run needs from the config: data facts, mesh, model, optimizer, state."""
 
   def __init__(self, config: ml_collections.ConfigDict):
+    check_config(config)
     self.config = config
     self.facts = dataset_facts(config)
     self.plan = optim.plan_steps(config, self.facts.num_images)

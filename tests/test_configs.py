@@ -109,3 +109,13 @@ def test_every_default_field_is_commented():
     stripped = line.strip()
     if stripped.startswith('config.') and ' = ' in stripped and 'ConfigDict()' not in stripped:
       assert source[i - 1].strip().startswith('#'), f'default.py:{i + 1} has no comment: {line}'
+
+
+@pytest.mark.parametrize('field,value,message', [
+    ('model.dtype', 'float16', 'model.dtype'), ('log_every_steps', 0, 'log_every_steps'),
+    ('head.num_spheres', 3, 'num_spheres=3 must divide')])
+def test_unusable_values_are_rejected_by_name(field, value, message):
+  config = _load('tiny').get_config()
+  config.update_from_flattened_dict({field: value})
+  with pytest.raises(ValueError, match=message):
+    train.check_config(config)

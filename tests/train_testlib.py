@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -56,21 +57,42 @@ def worker_env() -> dict[str, str]:
 
 
 def start_worker(spec: dict, spec_path: str) -> subprocess.Popen:
-  """Starts tests/train_worker.py on `spec` (written to `spec_path`)."""
+  """Starts tests/train_worker.py on `spec` (written to `spec_path`); output goes to
+  `spec_path + '.log'` (a file, not a pipe, so that no worker blocks on a full pipe while
+  its peers wait for it in a collective)."""
   with open(spec_path, 'w') as f:
     json.dump(spec, f)
-  return subprocess.Popen([sys.executable, WORKER, spec_path], cwd=REPO, env=worker_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  with open(spec_path + '.log', 'w') as log:
+    process = subprocess.Popen([sys.executable, WORKER, spec_path], cwd=REPO, env=worker_env(),
+                               stdout=log, stderr=subprocess.STDOUT, text=True)
+  process.log_path = spec_path + '.log'
+  return process
+
+
+def output_of(process: subprocess.Popen) -> str:
+  with open(process.log_path) as f:
+    return f.read()
+
+
+def wait_for_output(process: subprocess.Popen, text: str, timeout: float) -> None:
+  """Polls the worker's log until `text` appears (raises when it exits or times out first)."""
+  deadline = time.time() + timeout
+  while text not in output_of(process):
+    if process.poll() is not None or time.time() > deadline:
+      raise AssertionError(f'worker never printed {text!r}:\n{output_of(process)[-6000:]}')
+    time.sleep(0.5)
 
 
 def finish(process: subprocess.Popen, timeout: float) -> str:
   """Waits for `process`; returns its output, raising with the output when it failed."""
   try:
-    output, _ = process.communicate(timeout=timeout)
+    process.wait(timeout=timeout)
   except subprocess.TimeoutExpired:
     process.kill()
-    output, _ = process.communicate()
-    raise AssertionError(f'worker timed out after {timeout} s:\n{output[-6000:]}') from None
+    process.wait()
+    raise AssertionError(f'worker timed out after {timeout} s:\n'
+                         f'{output_of(process)[-6000:]}') from None
+  output = output_of(process)
   assert process.returncode == 0, f'worker failed ({process.returncode}):\n{output[-6000:]}'
   return output
 

@@ -34,6 +34,8 @@ def main(spec_path):
   if 'distributed' in spec:
     d = spec['distributed']
     jax.distributed.initialize(d['coordinator'], d['num_processes'], d['process_id'])
+  from absl import logging  # pylint: disable=import-outside-toplevel
+  logging.set_verbosity(logging.WARNING)  # as main.py: no per-save Orbax INFO lines
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from multiface_jax import train  # pylint: disable=import-outside-toplevel
 
