@@ -13,7 +13,6 @@
 
 Every stage is kept on disk, so a second run reuses the data and resumes (or skips) training.
 """
-import ast
 import functools
 import importlib.util
 import os
@@ -23,6 +22,7 @@ import sys
 
 from absl import app
 from absl import flags
+from ml_collections import config_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_IDENTITIES = 40
@@ -131,55 +131,46 @@ def evaluate(config, workdir: str) -> list[tuple[str, dict]]:
   return rows
 
 
-def apply_overrides(config, overrides: list[str]) -> None:
-  """Applies `a.b=value` strings to a config the way main.py's `--config.a.b=value` flags do."""
-  for override in overrides:
-    path, _, text = override.partition('=')
-    *parents, name = path.split('.')
-    node = config
-    for parent in parents:
-      node = node[parent]
-    current = node[name]
-    if isinstance(current, str):
-      value = text
-    elif isinstance(current, bool):
-      value = text.lower() in ('1', 'true', 'yes')
-    else:
-      value = type(current)(ast.literal_eval(text)) if current is not None else text
-    node[name] = value
-
-
 FLAGS = flags.FLAGS
 
 
 def _define_flags():
   flags.DEFINE_string('workdir', 'runs/demo', 'Run folder: checkpoints, TensorBoard, eval results.')
   flags.DEFINE_string('data_root', None, 'Where the demo data is written (default: '
-                      '{workdir}_data).')
-  flags.DEFINE_string('config', os.path.join(REPO_ROOT, 'configs', 'demo_orl.py'),
-                      'Training config file.')
-  flags.DEFINE_integer('seed', 0, 'Training seed (pairs and shards always use seed 0).')
-  flags.DEFINE_multi_string('override', [], 'Extra `--config.x=y` flags passed to main.py.')
+                      '{workdir}_data/<split>).')
+  config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'demo_orl.py'),
+                                  'Training config file; `--config.x=y` overrides are passed on '
+                                  'to main.py too.', lock_config=True)
+  flags.DEFINE_integer('train_identities', NUM_TRAIN_IDENTITIES, 'Identities s1..sK to train on.')
+  flags.DEFINE_integer('heldout_identities', NUM_IDENTITIES - NUM_TRAIN_IDENTITIES,
+                       'The next identities, used only for the verification pairs.')
+  flags.DEFINE_integer('pairs', 600, 'Held-out verification pairs (a multiple of 20).')
 
 
 def main(argv):
   del argv
-  from ml_collections import config_flags  # pylint: disable=import-outside-toplevel
   from multiface_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(FLAGS.workdir)
-  data_root = os.path.abspath(FLAGS.data_root or f'{FLAGS.workdir}_data')
+  split = f'train{FLAGS.train_identities}_heldout{FLAGS.heldout_identities}_pairs{FLAGS.pairs}'
+  data_root = os.path.abspath(FLAGS.data_root or os.path.join(f'{FLAGS.workdir}_data', split))
   orl_root = find_orl_faces()
   print(f'[demo] ORL / AT&T faces (AT&T Laboratories Cambridge): {orl_root}', flush=True)
-  data_dir = prepare_data(orl_root, data_root)
-  overrides = [f'--config.seed={FLAGS.seed}', *FLAGS.override]
-  train(FLAGS.config, workdir, data_dir, overrides)
+  if FLAGS.train_identities + FLAGS.heldout_identities > NUM_IDENTITIES:
+    raise app.UsageError(f'ORL has {NUM_IDENTITIES} identities: --train_identities + '
+                         '--heldout_identities must not exceed it.')
+  data_dir = prepare_data(orl_root, data_root, train_identities=FLAGS.train_identities,
+                          heldout_identities=FLAGS.heldout_identities, num_pairs=FLAGS.pairs)
+  overrides = [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
+  train(config_flags.get_config_filename(FLAGS['config']), workdir, data_dir,
+        overrides)
 
-  config = config_flags.load_config_file(FLAGS.config)  # pylint: disable=no-value-for-parameter
-  apply_overrides(config, [f'data_dir={data_dir}', *(o.removeprefix('--config.') for o in overrides)])
+  config = FLAGS.config
+  config.data_dir = data_dir
   rows = evaluate(config, workdir)
-  print('\n[demo] held-out verification accuracy (%, 10-fold, identities s31-s40 never seen in '
-        'training):')
+  first = FLAGS.train_identities + 1
+  print(f'\n[demo] held-out verification accuracy (%, 10-fold; identities s{first}-'
+        f's{first + FLAGS.heldout_identities - 1} never seen in training):')
   print(evaluator_lib.format_table(rows, label='model'))
   print(f'\n[demo] ROC curves and results JSON: {os.path.join(workdir, "eval")}')
   print(f'[demo] TensorBoard: tensorboard --logdir={workdir}')
