@@ -159,7 +159,8 @@ DEPTHWISE_CASES = [  # (kernel, stride, padding, input size)
 @pytest.mark.parametrize('k,stride,pad,size', DEPTHWISE_CASES)
 def test_depthwise_impls_agree_in_value_and_gradient(k, stride, pad, size):
   rng = np.random.default_rng(k * 100 + stride * 10 + size)
-  x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+  # Batch 12: the shifted kernel gradient adds images in groups (of 4 here) before reducing.
+  x = jnp.asarray(rng.normal(size=(12, size, size, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 1, 5)), jnp.float32)
   expected = depthwise_numpy(np.asarray(x), np.asarray(kernel), stride, pad)
   cotangent = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
@@ -234,6 +235,64 @@ def conv_numpy(x, kernel, stride, pad):
 
 def bn_numpy(x, p, s):
   return (x - s['mean']) / np.sqrt(s['var'] + 1e-5) * p['scale'] + p['bias']
+
+
+CONV_CASES = [  # (kernel, stride, padding, input size, in channels, out channels)
+    (3, 1, 1, 7, 3, 4),
+    (3, 2, 1, 8, 3, 4),  # even input, stride 2: PyTorch's symmetric padding
+    (3, 2, 1, 7, 2, 3),
+    (1, 1, 0, 5, 4, 6),
+    (1, 2, 0, 6, 4, 6),  # IR's strided 1x1 shortcut
+    (1, 1, 1, 4, 3, 2),  # a padded 1x1 (not in the models, but the layer accepts it)
+]
+
+
+@pytest.mark.parametrize('k,stride,pad,size,cin,cout', CONV_CASES)
+def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size, cin, cout):
+  rng = np.random.default_rng(k * 1000 + stride * 100 + pad * 10 + size)
+  x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
+  kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
+  expected = conv_numpy(x, kernel, stride, pad)
+  cotangent = rng.normal(size=expected.shape).astype(np.float32)
+
+  @jax.jit
+  def outputs_and_grads(x, kernel, cotangent):
+    results = {}
+    for name, fn in (('lax', layers.conv2d_lax), ('gemm', layers.conv2d_gemm)):
+      conv = functools.partial(fn, strides=(stride, stride), padding=((pad, pad), (pad, pad)))
+      out, vjp = jax.vjp(conv, x, kernel)
+      results[name] = out, vjp(cotangent)
+    return results
+
+  results = outputs_and_grads(x, kernel, cotangent)
+  for name, (out, _) in results.items():
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+  # The kernel gradient written out: sum over batch and output pixels of window x cotangent.
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  out_h = expected.shape[1]
+  grad_kernel = np.zeros_like(kernel)
+  for u in range(k):
+    for v in range(k):
+      window = xp[:, u:u + stride * (out_h - 1) + 1:stride, v:v + stride * (out_h - 1) + 1:stride]
+      grad_kernel[u, v] = np.einsum('bhwc,bhwo->co', window, cotangent)
+  for name, (_, (grad_x, grad_w)) in results.items():
+    np.testing.assert_allclose(grad_w, grad_kernel, rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(grad_x, results['lax'][1][0], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_conv2d_reads_flax_conv_parameters():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
+  flax_conv = nn.Conv(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
+  variables = flax_conv.init(jax.random.key(0), x)
+  expected = flax_conv.apply(variables, x)
+  for impl in ('lax', 'gemm'):
+    conv = layers.Conv2D(5, (3, 3), strides=2, padding=1, impl=impl)
+    assert jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x)) == \
+        jax.tree.map(jnp.shape, variables)
+    np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
+  assert layers.resolve_conv_impl('auto') == 'gemm'  # tests run on CPU
+  with pytest.raises(ValueError, match='lax, gemm'):
+    layers.resolve_conv_impl('cudnn')
 
 
 @pytest.mark.parametrize('in_c,depth', [(16, 32), (32, 32)])

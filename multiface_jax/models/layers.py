@@ -7,10 +7,15 @@ pads a stride-2 convolution of an even input on the bottom/right only, which PyT
 
 Parameters are float32; ``dtype`` is the compute dtype.
 
-The depthwise convolution lives behind a single module, :class:`DepthwiseConv2D`, so that its
-implementation can be swapped for speed without touching the backbones or the checkpoints: every
-implementation reads the same ``kernel`` of shape ``(kh, kw, 1, C)`` (the layout of Flax's grouped
-``nn.Conv`` kernel).
+Both convolutions live behind a module with a swappable implementation, so that speed can be
+tuned per backend without touching the backbones or the checkpoints: :class:`DepthwiseConv2D`
+('lax' | 'shifted', kernel ``(kh, kw, 1, C)``, the layout of Flax's grouped ``nn.Conv`` kernel)
+and :class:`Conv2D` ('lax' | 'gemm', kernel ``(kh, kw, Cin, Cout)`` like ``nn.Conv``). ``'auto'``
+picks the CPU implementations ('shifted', 'gemm') on CPU and XLA's convolutions elsewhere. Why
+(XLA:CPU, measured in ``bench/``): its grouped convolution runs far below the speed of a dense one,
+and its weight-gradient convolutions (dense and grouped) are several times slower than their
+forward pass, so the CPU implementations compute every weight gradient as a matmul or as fused
+multiply-adds.
 """
 import functools
 from typing import Any, Sequence, Union
@@ -23,6 +28,7 @@ Dtype = Any
 Padding = Union[str, int, Sequence[tuple[int, int]]]
 
 DEPTHWISE_IMPLS = ('auto', 'lax', 'shifted')
+CONV_IMPLS = ('auto', 'lax', 'gemm')
 
 BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
@@ -44,6 +50,24 @@ def resolve_depthwise_impl(impl: str) -> str:
   return impl
 
 
+def resolve_conv_impl(impl: str) -> str:
+  """Returns the concrete dense-convolution implementation for `impl` on the default backend.
+
+  Args:
+    impl: one of ``CONV_IMPLS``. ``'auto'`` picks ``'gemm'`` on CPU, where XLA's own weight
+      gradient of a convolution is up to 10x slower than the forward pass, and ``'lax'``
+      elsewhere (cuDNN/XLA GPU convolutions are fast in every direction).
+
+  Returns:
+    ``'lax'`` or ``'gemm'``.
+  """
+  if impl not in CONV_IMPLS:
+    raise ValueError(f'Unknown conv_impl {impl!r}; valid: {", ".join(CONV_IMPLS)}.')
+  if impl == 'auto':
+    return 'gemm' if jax.default_backend() == 'cpu' else 'lax'
+  return impl
+
+
 def _explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int], ...]:
   """Turns 'VALID', an int or per-dimension (lo, hi) pairs into explicit pairs."""
   if isinstance(padding, str):
@@ -57,6 +81,20 @@ def _explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int],
   if len(pairs) != ndim:
     raise ValueError(f'Expected {ndim} (lo, hi) padding pairs, got {padding!r}.')
   return pairs
+
+
+def _pad_spatial(x: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  if any(lo or hi for lo, hi in padding):
+    return jnp.pad(x, ((0, 0), *padding, (0, 0)))
+  return x
+
+
+def _windows(x_padded: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
+             out_hw: tuple[int, int]) -> list[jax.Array]:
+  """The kh*kw strided (B, Ho, Wo, C) views of a padded input, one per kernel tap (row-major)."""
+  (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
+  return [x_padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
+          for i in range(kh) for j in range(kw)]
 
 
 def depthwise_conv_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -84,7 +122,9 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, 
 
   Strides are applied by slicing each shifted view, so no work is spent on skipped outputs. When
   the kernel covers the whole padded input (the global 7x7 depthwise conv of MobileFaceNet), the
-  convolution is a plain weighted sum over H and W.
+  convolution is a plain weighted sum over H and W. The backward pass is written out (see
+  ``_shifted_taps_bwd``): the input gradient is the same kind of shifted sum, the kernel gradient
+  a reduction of batch-grouped products.
 
   Args:
     x: (B, H, W, C) input.
@@ -97,30 +137,146 @@ def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, 
     :func:`depthwise_conv_lax` up to float rounding.
   """
   kh, kw = kernel.shape[:2]
-  sh, sw = strides
   out_dtype = x.dtype
   # Accumulate in float32: CPUs compute bfloat16 arithmetic in float32 anyway, and a bfloat16
   # MobileFaceNet compiled 2.5x slower and ran slower when the taps stayed in bfloat16 (XLA CPU).
-  x = x.astype(jnp.float32)
+  x = _pad_spatial(x.astype(jnp.float32), padding)
   weights = kernel[:, :, 0, :].astype(jnp.float32)  # (kh, kw, C)
-  if any(lo or hi for lo, hi in padding):
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
   height, width = x.shape[1:3]
-  out_h = (height - kh) // sh + 1
-  out_w = (width - kw) // sw + 1
-  if out_h <= 0 or out_w <= 0:
+  if (height - kh) // strides[0] < 0 or (width - kw) // strides[1] < 0:
     raise ValueError(f'Kernel {kh}x{kw} is larger than the padded input {height}x{width}.')
   if (height, width) == (kh, kw):
     return jnp.sum(x * weights, axis=(1, 2), keepdims=True).astype(out_dtype)
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      view = x[:, i:i + sh * (out_h - 1) + 1:sh, j:j + sw * (out_w - 1) + 1:sw, :]
-      term = view * weights[i, j]
-      out = term if out is None else out + term
-  return out.astype(out_dtype)
+  return _shifted_taps(x, weights, tuple(strides)).astype(out_dtype)
 
 
+def _shifted_out_hw(x_padded, weights, strides):
+  (height, width), (kh, kw), (sh, sw) = x_padded.shape[1:3], weights.shape[:2], strides
+  return (height - kh) // sh + 1, (width - kw) // sw + 1
+
+
+def _sum_of_taps(x_padded, weights, strides):
+  """sum over taps (i, j) of weights[i, j] * the (i, j) strided view of the padded input."""
+  views = _windows(x_padded, weights.shape[:2], strides,
+                   _shifted_out_hw(x_padded, weights, strides))
+  flat_weights = weights.reshape(-1, weights.shape[-1])
+  out = views[0] * flat_weights[0]
+  for view, weight in zip(views[1:], flat_weights[1:]):
+    out = out + view * weight
+  return out
+
+
+_shifted_taps = jax.custom_vjp(_sum_of_taps, nondiff_argnums=(2,))
+
+
+def _shifted_taps_fwd(x_padded, weights, strides):
+  return _shifted_taps(x_padded, weights, strides), (x_padded, weights)
+
+
+def _shifted_taps_bwd(strides, residuals, grad_out):
+  x_padded, weights = residuals
+  (kh, kw), (sh, sw) = weights.shape[:2], strides
+  (height, width), (out_h, out_w) = x_padded.shape[1:3], grad_out.shape[1:3]
+  # The input gradient is a stride-1 correlation of the flipped kernel with the output gradient
+  # spread back onto the input grid (zeros between the rows/columns of a strided conv) and padded
+  # by kh-1 / kw-1: the same fused single pass as the forward. (Autodiff's transpose of the
+  # strided views is 9 separately materialised pads on XLA:CPU.)
+  spread = jax.lax.pad(grad_out, jnp.array(0, grad_out.dtype),
+                       ((0, 0, 0), (kh - 1, height - sh * (out_h - 1) - 1, sh - 1),
+                        (kw - 1, width - sw * (out_w - 1) - 1, sw - 1), (0, 0, 0)))
+  grad_x = _sum_of_taps(spread, weights[::-1, ::-1], (1, 1))
+  # The kernel gradient: tap (i, j) is sum over batch and pixels of view_ij * grad_out. XLA:CPU
+  # copies each view before reducing it (9 passes of copy + reduce); adding the products of a few
+  # images elementwise first keeps the views fused and leaves a reduction several times smaller
+  # (measured 3x faster on a (64, 28, 28, 128) map).
+  batch = grad_out.shape[0]
+  group = next(g for g in (8, 4, 2, 1) if batch % g == 0)
+  views = _windows(x_padded, weights.shape[:2], strides, grad_out.shape[1:3])
+  partials = []
+  for view in views:
+    products = (view * grad_out).reshape(batch // group, group, *grad_out.shape[1:])
+    partial = products[:, 0]
+    for k in range(1, group):
+      partial = partial + products[:, k]
+    partials.append(partial)
+  grad_weights = jnp.sum(jnp.stack(partials), axis=(1, 2, 3))
+  return grad_x, grad_weights.reshape(weights.shape)
+
+
+_shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
+
+
+def conv2d_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+               padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Dense convolution through XLA (``lax.conv_general_dilated``), NHWC / HWIO.
+
+  Args:
+    x: (B, H, W, Cin) input.
+    kernel: (kh, kw, Cin, Cout), same dtype as `x`.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+
+  Returns:
+    (B, Ho, Wo, Cout).
+  """
+  return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv2d_gemm_weight_grad(x, kernel, strides, padding):
+  return conv2d_lax(x, kernel, strides, padding)
+
+
+def _conv2d_gemm_fwd(x, kernel, strides, padding):
+  return conv2d_lax(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv2d_gemm_bwd(strides, padding, residuals, grad_out):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: conv2d_lax(x, kernel, strides, padding), x)
+  (grad_x,) = input_vjp(grad_out)
+  kh, kw, cin, cout = kernel.shape
+  # im2col: one (B*Ho*Wo, kh*kw*Cin) x (B*Ho*Wo, Cout) matmul instead of XLA's weight-gradient
+  # convolution, which the CPU backend runs far below its matmul speed.
+  columns = jnp.concatenate(
+      _windows(_pad_spatial(x, padding), (kh, kw), strides, grad_out.shape[1:3]), axis=-1)
+  grad_kernel = jnp.einsum('bhwk,bhwo->ko', columns, grad_out.astype(columns.dtype),
+                           preferred_element_type=jnp.float32)
+  return grad_x, grad_kernel.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+
+
+_conv2d_gemm_weight_grad.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
+
+
+def conv2d_gemm(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """Dense convolution whose every pass is a matmul or one of XLA's fast convolutions (CPU).
+
+  A 1x1 kernel is a matmul over channels (of the strided input), forward and backward. A larger
+  kernel runs XLA's convolution forward and for the input gradient, and computes the kernel
+  gradient as a single im2col matmul.
+
+  Args:
+    x: (B, H, W, Cin) input.
+    kernel: (kh, kw, Cin, Cout), same dtype as `x`.
+    strides: (sh, sw).
+    padding: ((top, bottom), (left, right)).
+
+  Returns:
+    (B, Ho, Wo, Cout), equal to :func:`conv2d_lax` up to float rounding, with equal gradients.
+  """
+  if kernel.shape[:2] == (1, 1):
+    sh, sw = strides
+    x = _pad_spatial(x, padding)[:, ::sh, ::sw, :]
+    # A 2-D matmul: its transposes in the backward pass are plain GEMMs (a 4-D einsum's
+    # backward measured 2x slower on XLA:CPU).
+    out = x.reshape(-1, x.shape[-1]) @ kernel[0, 0]
+    return out.reshape(*x.shape[:-1], kernel.shape[-1])
+  return _conv2d_gemm_weight_grad(x, kernel, tuple(strides), tuple(padding))
+
+
+_CONV_FNS = {'lax': conv2d_lax, 'gemm': conv2d_gemm}
 _DEPTHWISE_FNS = {'lax': depthwise_conv_lax, 'shifted': depthwise_conv_shifted}
 
 
@@ -155,6 +311,41 @@ class DepthwiseConv2D(nn.Module):
               _explicit_padding(self.padding))
 
 
+class Conv2D(nn.Module):
+  """Dense 2-D convolution without bias, NHWC, with a swappable implementation.
+
+  Reads the same ``kernel`` param (kh, kw, Cin, Cout) as ``flax.linen.Conv(use_bias=False)``, so
+  checkpoints and imported weights do not depend on the implementation.
+
+  Attributes:
+    features: output channels.
+    kernel_size: (kh, kw).
+    strides: (sh, sw) or an int.
+    padding: 'VALID', an int (symmetric) or ((top, bottom), (left, right)).
+    impl: 'auto', 'lax' or 'gemm' (see :func:`resolve_conv_impl`).
+    dtype: compute dtype.
+    param_dtype: dtype of the kernel.
+  """
+  features: int
+  kernel_size: tuple[int, int] = (1, 1)
+  strides: Union[int, tuple[int, int]] = 1
+  padding: Padding = 0
+  impl: str = 'auto'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Any = nn.initializers.lecun_normal()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kh, kw = self.kernel_size
+    kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
+                        self.param_dtype)
+    strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
+    fn = _CONV_FNS[resolve_conv_impl(self.impl)]
+    return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
+              _explicit_padding(self.padding))
+
+
 class PReLU(nn.Module):
   """PReLU with one learnable slope per channel (last axis), initialised at 0.25.
 
@@ -175,7 +366,7 @@ class PReLU(nn.Module):
 class ConvBlock(nn.Module):
   """Conv (no bias) -> BatchNorm -> optional PReLU; the original's Conv_block / Linear_block.
 
-  Children: ``conv`` (``nn.Conv`` or :class:`DepthwiseConv2D` when ``depthwise``), ``bn``, and
+  Children: ``conv`` (:class:`Conv2D`, or :class:`DepthwiseConv2D` when ``depthwise``), ``bn``, and
   ``prelu`` when ``activation``.
 
   Attributes:
@@ -186,6 +377,7 @@ class ConvBlock(nn.Module):
     depthwise: one filter per channel instead of a dense convolution.
     activation: apply PReLU after BatchNorm (Conv_block) or not (Linear_block).
     depthwise_impl: implementation of the depthwise convolution.
+    conv_impl: implementation of the dense convolution.
     dtype: compute dtype.
   """
   features: int
@@ -195,6 +387,7 @@ class ConvBlock(nn.Module):
   depthwise: bool = False
   activation: bool = True
   depthwise_impl: str = 'auto'
+  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -203,9 +396,8 @@ class ConvBlock(nn.Module):
       x = DepthwiseConv2D(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl,
                           dtype=self.dtype, name='conv')(x)
     else:
-      x = nn.Conv(self.features, self.kernel_size, self.strides,
-                  padding=_explicit_padding(self.padding), use_bias=False, dtype=self.dtype,
-                  name='conv')(x)
+      x = Conv2D(self.features, self.kernel_size, self.strides, self.padding,
+                 impl=self.conv_impl, dtype=self.dtype, name='conv')(x)
     x = BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn')(x)
     if self.activation:
       x = PReLU(dtype=self.dtype, name='prelu')(x)
@@ -216,19 +408,20 @@ class SqueezeExcite(nn.Module):
   """Squeeze-and-excitation of IR-SE: global average pool -> 1x1 conv C->C/reduction (no bias)
   -> ReLU -> 1x1 conv back (no bias) -> sigmoid -> rescale the input channels.
 
-  Children: ``fc1``, ``fc2`` (``nn.Conv`` 1x1), as in the original's SEModule.
+  Children: ``fc1``, ``fc2`` (1x1 :class:`Conv2D`), as in the original's SEModule.
   """
   reduction: int = 16
+  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     gate = jnp.mean(x, axis=(1, 2), keepdims=True)
-    gate = nn.Conv(channels // self.reduction, (1, 1), use_bias=False, dtype=self.dtype,
-                   name='fc1')(gate)
+    gate = Conv2D(channels // self.reduction, impl=self.conv_impl, dtype=self.dtype,
+                  name='fc1')(gate)
     gate = nn.relu(gate)
-    gate = nn.Conv(channels, (1, 1), use_bias=False, dtype=self.dtype, name='fc2')(gate)
+    gate = Conv2D(channels, impl=self.conv_impl, dtype=self.dtype, name='fc2')(gate)
     return x * nn.sigmoid(gate)
 
 

@@ -46,6 +46,7 @@ class DepthWise(nn.Module):
     strides: stride of the depthwise convolution.
     residual: add the input to the output (requires strides 1 and equal channels).
     depthwise_impl: implementation of the depthwise convolution.
+    conv_impl: implementation of the 1x1 convolutions.
     dtype: compute dtype.
   """
   features: int
@@ -53,17 +54,18 @@ class DepthWise(nn.Module):
   strides: int = 1
   residual: bool = False
   depthwise_impl: str = 'auto'
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     shortcut = x
-    x = layers.ConvBlock(self.expansion, dtype=self.dtype, name='conv')(x, train)
-    x = layers.ConvBlock(self.expansion, (3, 3), self.strides, padding=1, depthwise=True,
-                         depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                         name='conv_dw')(x, train)
-    x = layers.ConvBlock(self.features, activation=False, dtype=self.dtype,
-                         name='project')(x, train)
+    block = functools.partial(layers.ConvBlock, depthwise_impl=self.depthwise_impl,
+                              conv_impl=self.conv_impl, dtype=self.dtype)
+    x = block(self.expansion, name='conv')(x, train)
+    x = block(self.expansion, (3, 3), self.strides, padding=1, depthwise=True,
+              name='conv_dw')(x, train)
+    x = block(self.features, activation=False, name='project')(x, train)
     if self.residual:
       x = x + shortcut
     return x
@@ -74,14 +76,15 @@ class ResidualStack(nn.Module):
   num_blocks: int
   expansion: int
   depthwise_impl: str = 'auto'
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_blocks):
       x = DepthWise(x.shape[-1], self.expansion, residual=True,
-                    depthwise_impl=self.depthwise_impl, dtype=self.dtype,
-                    name=f'block_{i}')(x, train)
+                    depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl,
+                    dtype=self.dtype, name=f'block_{i}')(x, train)
     return x
 
 
@@ -91,10 +94,12 @@ class MobileFaceNet(nn.Module):
   Attributes:
     embedding_size: size of the output embedding.
     depthwise_impl: 'auto', 'lax' or 'shifted' (see :func:`layers.resolve_depthwise_impl`).
+    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`layers.resolve_conv_impl`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   embedding_size: int = 512
   depthwise_impl: str = 'auto'
+  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -111,7 +116,7 @@ class MobileFaceNet(nn.Module):
     if images.ndim != 4 or images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
       raise ValueError(f'MobileFaceNet expects (B, {INPUT_SIZE}, {INPUT_SIZE}, C) images, got '
                        f'{images.shape}: the 7x7 global depthwise conv fixes the input size.')
-    common = dict(depthwise_impl=self.depthwise_impl, dtype=self.dtype)
+    common = dict(depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl, dtype=self.dtype)
     block = functools.partial(layers.ConvBlock, **common)
     depthwise = functools.partial(DepthWise, **common)
     stack = functools.partial(ResidualStack, **common)
