@@ -18,7 +18,7 @@ def get_config():
   config.head.num_spheres = 2
   config.head.margin = 0.3
   config.batch_size = 50
-  config.num_epochs = 40.0
+  config.num_epochs = 20.0
   config.optimizer.lr = 0.1
   config.optimizer.schedule = 'cosine'
   config.optimizer.warmup_epochs = 2.0
