@@ -219,6 +219,42 @@ def test_batchnorm_uses_torch_eps_and_momentum():
   np.testing.assert_allclose(out, x / np.sqrt(2e-5), rtol=1e-5)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batchnorm_equals_flax_batchnorm_in_value_statistics_and_gradient(dtype):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(1.5, 2.0, size=(6, 3, 3, 4)), dtype)
+  reference = nn.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  ours = layers.BatchNorm(dtype=dtype)
+  variables = reference.init(jax.random.key(0), x, use_running_average=False)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x, use_running_average=False)) == \
+      jax.tree.map(jnp.shape, variables)
+  variables = {'params': {'scale': jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32),
+                          'bias': jnp.asarray(rng.normal(size=4), jnp.float32)},
+               'batch_stats': {'mean': jnp.asarray(rng.normal(size=4), jnp.float32),
+                               'var': jnp.asarray(rng.uniform(0.5, 2, 4), jnp.float32)}}
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+
+  @jax.jit
+  def run(variables, x):
+    results = {}
+    for name, module in (('flax', reference), ('ours', ours)):
+      def train(params, x, module=module):
+        out, updates = module.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                                    x, use_running_average=False, mutable=['batch_stats'])
+        return jnp.sum(out.astype(jnp.float32) * cotangent), (out, updates['batch_stats'])
+      grads, (out, stats) = jax.grad(train, (0, 1), has_aux=True)(variables['params'], x)
+      eval_out = module.apply(variables, x, use_running_average=True)
+      results[name] = out, stats, grads, eval_out
+    return results
+
+  results = run(variables, x)
+  for expected, actual in zip(jax.tree.leaves(results['flax']), jax.tree.leaves(results['ours'])):
+    assert expected.dtype == actual.dtype
+    np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
+                               rtol=tolerance, atol=tolerance)
+
+
 def conv_numpy(x, kernel, stride, pad):
   """Dense NHWC convolution by explicit shifted sums (PyTorch padding, HWIO kernel)."""
   kh, kw = kernel.shape[:2]

@@ -18,7 +18,7 @@ forward pass, so the CPU implementations compute every weight gradient as a matm
 multiply-adds.
 """
 import functools
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -30,7 +30,6 @@ Padding = Union[str, int, Sequence[tuple[int, int]]]
 DEPTHWISE_IMPLS = ('auto', 'lax', 'shifted')
 CONV_IMPLS = ('auto', 'lax', 'gemm')
 
-BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -351,6 +350,56 @@ class Conv2D(nn.Module):
     fn = _CONV_FNS[resolve_conv_impl(self.impl)]
     return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
               _explicit_padding(self.padding))
+
+
+class BatchNorm(nn.Module):
+  """``flax.linen.BatchNorm`` over the last axis with PyTorch's eps 1e-5 and momentum 0.1, the
+  same variables (params ``scale``, ``bias``; batch_stats ``mean``, ``var``, biased) and the same
+  statistics (float32, ``var = max(E[x^2] - E[x]^2, 0)``, running averages not updated by
+  ``init``), computed as ``x * a + b`` with per-channel ``a = scale / sqrt(var + eps)`` and
+  ``b = bias - mean * a``.
+
+  Why not Flax's ``(x - mean) * a + bias``: for that form autodiff keeps ``x - mean`` for the
+  backward pass, one extra tensor written and read per layer; ``x * a + b`` needs only ``x``,
+  which the previous layer already wrote (a whole MobileFaceNet forward+backward measured 16%
+  faster on CPU). Mathematically identical; the rounding differs by ~|mean| / std ulps.
+
+  Attributes:
+    use_running_average: normalise with the running statistics (eval) instead of the batch's.
+    momentum: weight of the old running statistics (Flax convention; PyTorch's 0.1 = 0.9 here).
+    epsilon: added to the variance.
+    dtype: output dtype (default: the input's promoted with float32, as Flax).
+    param_dtype: dtype of ``scale`` and ``bias``.
+  """
+  use_running_average: Optional[bool] = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Optional[Dtype] = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: Optional[bool] = None) -> jax.Array:
+    use_running_average = nn.merge_param('use_running_average', self.use_running_average,
+                                         use_running_average)
+    features = (x.shape[-1],)
+    running_mean = self.variable('batch_stats', 'mean', jnp.zeros, features, jnp.float32)
+    running_var = self.variable('batch_stats', 'var', jnp.ones, features, jnp.float32)
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    if use_running_average:
+      mean, var = running_mean.value, running_var.value
+    else:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x32, axes)
+      var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.0)
+      if not self.is_initializing():
+        running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+        running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    multiplier = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+    shift = bias.astype(jnp.float32) - mean * multiplier
+    out_dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
+    return (x32 * multiplier + shift).astype(out_dtype)
 
 
 class PReLU(nn.Module):
