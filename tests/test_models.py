@@ -153,13 +153,15 @@ DEPTHWISE_CASES = [  # (kernel, stride, padding, input size)
     (3, 2, 1, 7),
     (3, 1, 0, 6),
     (7, 1, 0, 7),  # MobileFaceNet's global depthwise conv
+    (5, 2, 2, 9),
+    (3, 2, 3, 6),  # padding wider than the kernel: the input gradient's spread starts cropped
 ]
 
 
 @pytest.mark.parametrize('k,stride,pad,size', DEPTHWISE_CASES)
 def test_depthwise_impls_agree_in_value_and_gradient(k, stride, pad, size):
   rng = np.random.default_rng(k * 100 + stride * 10 + size)
-  # Batch 12: the shifted kernel gradient adds images in groups (of 4 here) before reducing.
+  # Batch 12: the shifted kernel gradient loops over chunks of 8 images, then the 4 left over.
   x = jnp.asarray(rng.normal(size=(12, size, size, 5)), jnp.float32)
   kernel = jnp.asarray(rng.normal(size=(k, k, 1, 5)), jnp.float32)
   expected = depthwise_numpy(np.asarray(x), np.asarray(kernel), stride, pad)
@@ -253,6 +255,57 @@ def test_batchnorm_equals_flax_batchnorm_in_value_statistics_and_gradient(dtype)
     assert expected.dtype == actual.dtype
     np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                                rtol=tolerance, atol=tolerance)
+
+
+def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(0.5, 2.0, size=(4, 5, 5, 6)), jnp.float32)
+  multiplier = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
+  shift = jnp.asarray(rng.normal(size=6), jnp.float32)
+  slope = jnp.asarray(rng.uniform(0.1, 0.4, 6), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def reference(x, multiplier, shift, slope):  # PReLU written as max/min, differentiated by JAX
+    y = x * multiplier + shift
+    return jnp.maximum(y, 0) + slope * jnp.minimum(y, 0)
+
+  expected, expected_vjp = jax.vjp(reference, x, multiplier, shift, slope)
+  actual, actual_vjp = jax.vjp(layers.affine_prelu, x, multiplier, shift, slope)
+  np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+  for want, got in zip(expected_vjp(cotangent), actual_vjp(cotangent)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_block_fused_batchnorm_prelu_equals_separate_layers():
+  """ConvBlock (BatchNorm.affine fused into PReLU) == BatchNorm module then PReLU module."""
+  rng = np.random.default_rng(6)
+  x = jnp.asarray(rng.normal(size=(3, 6, 6, 4)), jnp.float32)
+  block = layers.ConvBlock(5, (3, 3), 1, padding=1)
+  variables = block.init(jax.random.key(0), x, train=True)
+  variables['params']['prelu']['negative_slope'] = jnp.asarray(rng.uniform(0.1, 0.4, 5),
+                                                               jnp.float32)
+
+  def separate(params, x):
+    conv = layers.Conv2D(5, (3, 3), 1, 1)
+    out = conv.apply({'params': params['conv']}, x)
+    out, stats = layers.BatchNorm(use_running_average=False).apply(
+        {'params': params['bn'], 'batch_stats': variables['batch_stats']['bn']}, out,
+        mutable=['batch_stats'])
+    slope = params['prelu']['negative_slope']
+    return jnp.where(out >= 0, out, slope * out), stats['batch_stats']
+
+  def fused(params, x):
+    out, updates = block.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                               train=True, mutable=['batch_stats'])
+    return out, updates['batch_stats']['bn']
+
+  cotangent = jnp.asarray(rng.normal(size=(3, 6, 6, 5)), jnp.float32)
+  results = []
+  for fn in (separate, fused):
+    (out, stats), vjp = jax.vjp(fn, variables['params'], x)
+    results.append((out, stats, vjp((cotangent, jax.tree.map(jnp.zeros_like, stats)))))
+  for want, got in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
 def conv_numpy(x, kernel, stride, pad):
