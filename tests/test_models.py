@@ -327,9 +327,11 @@ def bn_numpy(x, p, s):
 
 
 CONV_CASES = [  # (kernel, stride, padding, input size, in channels, out channels)
-    (3, 1, 1, 7, 3, 4),
+    (3, 1, 1, 7, 3, 4),  # <= 4 input channels: 'gemm' convolves the patch matrix
     (3, 2, 1, 8, 3, 4),  # even input, stride 2: PyTorch's symmetric padding
     (3, 2, 1, 7, 2, 3),
+    (3, 1, 1, 6, 5, 4),  # more channels: XLA's convolution, kernel gradient per tap
+    (3, 2, 1, 8, 6, 3),
     (1, 1, 0, 5, 4, 6),
     (1, 2, 0, 6, 4, 6),  # IR's strided 1x1 shortcut
     (1, 1, 1, 4, 3, 2),  # a padded 1x1 (not in the models, but the layer accepts it)
