@@ -16,6 +16,11 @@ picks the CPU implementations ('shifted', 'gemm') on CPU and XLA's convolutions 
 and its weight-gradient convolutions (dense and grouped) are several times slower than their
 forward pass, so the CPU implementations compute every weight gradient as a matmul or as fused
 multiply-adds.
+
+:class:`ConvBlock` applies BatchNorm and PReLU as one operation (:func:`affine_prelu`, on every
+backend): the BatchNorm statistics give a per-channel ``x * a + b``, and PReLU of that has a
+written-out backward that keeps only the convolution's output. The variables stay those of
+separate ``bn`` and ``prelu`` layers.
 """
 import functools
 from typing import Any, Optional, Sequence, Union
