@@ -241,13 +241,15 @@ def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   chunk = min(_KERNEL_GRAD_CHUNK, batch)
   steps, rest = divmod(batch, chunk)
 
-  def body(total, chunk_inputs):
-    return total + chunk_grad(*chunk_inputs), None
+  # A loop over chunk indices that slices the whole arrays, not a scan over a chunk-shaped
+  # reshape of them: XLA then recomputes the padded input in that shape (a second copy).
+  def body(step, total):
+    start = step * chunk
+    return total + chunk_grad(jax.lax.dynamic_slice_in_dim(x_padded, start, chunk),
+                              jax.lax.dynamic_slice_in_dim(grad_out, start, chunk))
 
-  as_chunks = lambda a: a[:steps * chunk].reshape(steps, chunk, *a.shape[1:])
   taps = kernel_hw[0] * kernel_hw[1]
-  total, _ = jax.lax.scan(body, jnp.zeros((taps, channels), jnp.float32),
-                          (as_chunks(x_padded), as_chunks(grad_out)))
+  total = jax.lax.fori_loop(0, steps, body, jnp.zeros((taps, channels), jnp.float32))
   if rest:
     total = total + chunk_grad(x_padded[steps * chunk:], grad_out[steps * chunk:])
   return total.reshape(*kernel_hw, channels)
