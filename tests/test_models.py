@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from multiface_jax import models
-from multiface_jax.models import iresnet, layers
+from multiface_jax.models import convolutions, iresnet, layers
 
 IMAGE_SHAPE = (1, 112, 112, 3)
 
@@ -170,8 +170,8 @@ def test_depthwise_impls_agree_in_value_and_gradient(k, stride, pad, size):
   @jax.jit
   def outputs_and_grads(x, kernel, cotangent):
     results = {}
-    for name, fn in (('lax', layers.depthwise_conv_lax),
-                     ('shifted', layers.depthwise_conv_shifted)):
+    for name, fn in (('lax', convolutions.depthwise_conv_lax),
+                     ('shifted', convolutions.depthwise_conv_shifted)):
       conv = functools.partial(fn, strides=(stride, stride), padding=((pad, pad), (pad, pad)))
       out, vjp = jax.vjp(conv, x, kernel)
       results[name] = out, vjp(cotangent)
@@ -192,9 +192,9 @@ def test_depthwise_impls_share_parameter_shape():
                                  jax.random.key(0), x)['params']['kernel'].shape
             for impl in ('lax', 'shifted')}
   assert shapes == {'lax': (3, 3, 1, 6), 'shifted': (3, 3, 1, 6)}
-  assert layers.resolve_depthwise_impl('auto') == 'shifted'  # tests run on CPU
+  assert convolutions.resolve_depthwise_impl('auto') == 'shifted'  # tests run on CPU
   with pytest.raises(ValueError, match='lax, shifted'):
-    layers.resolve_depthwise_impl('cudnn')
+    convolutions.resolve_depthwise_impl('cudnn')
 
 
 def test_prelu_matches_numpy_and_starts_at_quarter():
@@ -349,7 +349,7 @@ def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size,
   @jax.jit
   def outputs_and_grads(x, kernel, cotangent):
     results = {}
-    for name, fn in (('lax', layers.conv2d_lax), ('gemm', layers.conv2d_gemm)):
+    for name, fn in (('lax', convolutions.conv2d_lax), ('gemm', convolutions.conv2d_gemm)):
       conv = functools.partial(fn, strides=(stride, stride), padding=((pad, pad), (pad, pad)))
       out, vjp = jax.vjp(conv, x, kernel)
       results[name] = out, vjp(cotangent)
@@ -381,9 +381,9 @@ def test_conv2d_reads_flax_conv_parameters():
     assert jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x)) == \
         jax.tree.map(jnp.shape, variables)
     np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
-  assert layers.resolve_conv_impl('auto') == 'gemm'  # tests run on CPU
+  assert convolutions.resolve_conv_impl('auto') == 'gemm'  # tests run on CPU
   with pytest.raises(ValueError, match='lax, gemm'):
-    layers.resolve_conv_impl('cudnn')
+    convolutions.resolve_conv_impl('cudnn')
 
 
 @pytest.mark.parametrize('in_c,depth', [(16, 32), (32, 32)])

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from multiface_jax.models.iresnet import UNITS_BY_DEPTH, IResNet
-from multiface_jax.models.layers import DEPTHWISE_IMPLS, DepthwiseConv2D
+from multiface_jax.models.convolutions import DEPTHWISE_IMPLS
+from multiface_jax.models.layers import DepthwiseConv2D
 from multiface_jax.models.mobilefacenet import MobileFaceNet
 from multiface_jax.models.tiny import TinyFaceNet
 

@@ -122,7 +122,7 @@ class IResNet(nn.Module):
     use_se: squeeze-and-excitation in every unit.
     embedding_size: size of the output embedding.
     dropout_rate: dropout before the output Linear, active only when ``train``.
-    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`layers.resolve_conv_impl`).
+    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   num_units: Sequence[int]

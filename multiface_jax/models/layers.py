@@ -7,349 +7,27 @@ pads a stride-2 convolution of an even input on the bottom/right only, which PyT
 
 Parameters are float32; ``dtype`` is the compute dtype.
 
-Both convolutions live behind a module with a swappable implementation, so that speed can be
-tuned per backend without touching the backbones or the checkpoints: :class:`DepthwiseConv2D`
-('lax' | 'shifted', kernel ``(kh, kw, 1, C)``, the layout of Flax's grouped ``nn.Conv`` kernel)
-and :class:`Conv2D` ('lax' | 'gemm', kernel ``(kh, kw, Cin, Cout)`` like ``nn.Conv``). ``'auto'``
-picks the CPU implementations ('shifted', 'gemm') on CPU and XLA's convolutions elsewhere. Why
-(XLA:CPU, measured in ``bench/``): its grouped convolution runs far below the speed of a dense one,
-and its weight-gradient convolutions (dense and grouped) are several times slower than their
-forward pass, so the CPU implementations compute every weight gradient as a matmul or as fused
-multiply-adds.
+Both convolutions live behind a module with a swappable implementation (:mod:`convolutions`),
+so that speed can be tuned per backend without touching the backbones or the checkpoints:
+:class:`DepthwiseConv2D` ('lax' | 'shifted', kernel ``(kh, kw, 1, C)``, the layout of Flax's
+grouped ``nn.Conv`` kernel) and :class:`Conv2D` ('lax' | 'gemm', kernel ``(kh, kw, Cin, Cout)``
+like ``nn.Conv``); ``'auto'`` picks the CPU implementations on CPU and XLA's elsewhere.
 
 :class:`ConvBlock` applies BatchNorm and PReLU as one operation (:func:`affine_prelu`, on every
 backend): the BatchNorm statistics give a per-channel ``x * a + b``, and PReLU of that has a
 written-out backward that keeps only the convolution's output. The variables stay those of
 separate ``bn`` and ``prelu`` layers.
 """
-import functools
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from multiface_jax.models import convolutions
+from multiface_jax.models.convolutions import Padding
+
 Dtype = Any
-Padding = Union[str, int, Sequence[tuple[int, int]]]
-
-DEPTHWISE_IMPLS = ('auto', 'lax', 'shifted')
-CONV_IMPLS = ('auto', 'lax', 'gemm')
-
-
-
-def resolve_depthwise_impl(impl: str) -> str:
-  """Returns the concrete depthwise implementation for `impl` on the default backend.
-
-  Args:
-    impl: one of ``DEPTHWISE_IMPLS``. ``'auto'`` picks ``'shifted'`` on CPU (measured several
-      times faster there for 3x3 kernels) and ``'lax'`` elsewhere (not measured on accelerators).
-
-  Returns:
-    ``'lax'`` or ``'shifted'``.
-  """
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f'Unknown depthwise_impl {impl!r}; valid: {", ".join(DEPTHWISE_IMPLS)}.')
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'lax'
-  return impl
-
-
-def resolve_conv_impl(impl: str) -> str:
-  """Returns the concrete dense-convolution implementation for `impl` on the default backend.
-
-  Args:
-    impl: one of ``CONV_IMPLS``. ``'auto'`` picks ``'gemm'`` on CPU, where XLA's own weight
-      gradient of a convolution is up to 10x slower than the forward pass, and ``'lax'``
-      elsewhere (cuDNN/XLA GPU convolutions are fast in every direction).
-
-  Returns:
-    ``'lax'`` or ``'gemm'``.
-  """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'Unknown conv_impl {impl!r}; valid: {", ".join(CONV_IMPLS)}.')
-  if impl == 'auto':
-    return 'gemm' if jax.default_backend() == 'cpu' else 'lax'
-  return impl
-
-
-def _explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int], ...]:
-  """Turns 'VALID', an int or per-dimension (lo, hi) pairs into explicit pairs."""
-  if isinstance(padding, str):
-    if padding.upper() != 'VALID':
-      raise ValueError(f"Only 'VALID' or explicit padding is supported, got {padding!r}: "
-                       "'SAME' differs from PyTorch for strided convolutions.")
-    return ((0, 0),) * ndim
-  if isinstance(padding, int):
-    return ((padding, padding),) * ndim
-  pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
-  if len(pairs) != ndim:
-    raise ValueError(f'Expected {ndim} (lo, hi) padding pairs, got {padding!r}.')
-  return pairs
-
-
-def _pad_spatial(x: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  if any(lo or hi for lo, hi in padding):
-    return jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  return x
-
-
-def _windows(x_padded: jax.Array, kernel_hw: tuple[int, int], strides: tuple[int, int],
-             out_hw: tuple[int, int]) -> list[jax.Array]:
-  """The kh*kw strided (B, Ho, Wo, C) views of a padded input, one per kernel tap (row-major)."""
-  (kh, kw), (sh, sw), (oh, ow) = kernel_hw, strides, out_hw
-  return [x_padded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :]
-          for i in range(kh) for j in range(kw)]
-
-
-def depthwise_conv_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                       padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Depthwise convolution through XLA's grouped convolution.
-
-  Args:
-    x: (B, H, W, C) input.
-    kernel: (kh, kw, 1, C) kernel, same dtype as `x`.
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-
-  Returns:
-    (B, Ho, Wo, C).
-  """
-  return jax.lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=x.shape[-1])
-
-
-def depthwise_conv_shifted(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                           padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Depthwise convolution as kh*kw shifted multiply-adds (fast on CPU, where XLA's grouped
-  convolution is not vectorised over channels).
-
-  Strides are applied by slicing each shifted view, so no work is spent on skipped outputs. When
-  the kernel covers the whole padded input (the global 7x7 depthwise conv of MobileFaceNet), the
-  convolution is a plain weighted sum over H and W. The backward pass is written out (see
-  ``_shifted_taps_bwd``): the input gradient is the same kind of shifted sum, the kernel gradient
-  a loop over chunks of images that stay in cache.
-
-  Args:
-    x: (B, H, W, C) input.
-    kernel: (kh, kw, 1, C) kernel.
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-
-  Returns:
-    (B, Ho, Wo, C) in the dtype of `x` (accumulated in float32), equal to
-    :func:`depthwise_conv_lax` up to float rounding.
-  """
-  kh, kw = kernel.shape[:2]
-  out_dtype = x.dtype
-  # Accumulate in float32: CPUs compute bfloat16 arithmetic in float32 anyway, and a bfloat16
-  # MobileFaceNet compiled 2.5x slower and ran slower when the taps stayed in bfloat16 (XLA CPU).
-  x = x.astype(jnp.float32)
-  weights = kernel[:, :, 0, :].astype(jnp.float32)  # (kh, kw, C)
-  height, width = (x.shape[1] + sum(padding[0]), x.shape[2] + sum(padding[1]))
-  if (height - kh) // strides[0] < 0 or (width - kw) // strides[1] < 0:
-    raise ValueError(f'Kernel {kh}x{kw} is larger than the padded input {height}x{width}.')
-  if (height, width) == (kh, kw):
-    x = _pad_spatial(x, padding)
-    return jnp.sum(x * weights, axis=(1, 2), keepdims=True).astype(out_dtype)
-  return _shifted_taps(x, weights, tuple(strides), tuple(padding)).astype(out_dtype)
-
-
-def _shifted_out_hw(x_padded, weights, strides):
-  (height, width), (kh, kw), (sh, sw) = x_padded.shape[1:3], weights.shape[:2], strides
-  return (height - kh) // sh + 1, (width - kw) // sw + 1
-
-
-def _sum_of_taps(x_padded, weights, strides):
-  """sum over taps (i, j) of weights[i, j] * the (i, j) strided view of the padded input."""
-  views = _windows(x_padded, weights.shape[:2], strides,
-                   _shifted_out_hw(x_padded, weights, strides))
-  flat_weights = weights.reshape(-1, weights.shape[-1])
-  out = views[0] * flat_weights[0]
-  for view, weight in zip(views[1:], flat_weights[1:]):
-    out = out + view * weight
-  return out
-
-
-def _materialized(x):
-  """`x` computed into its own buffer. XLA:CPU otherwise fuses a pad into the nine shifted reads
-  that consume it, which then run 3x slower (bounds checks on every read)."""
-  return jax.lax.optimization_barrier(x)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _shifted_taps(x, weights, strides, padding):
-  return _sum_of_taps(_materialized(_pad_spatial(x, padding)), weights, strides)
-
-
-def _shifted_taps_fwd(x, weights, strides, padding):
-  x_padded = _materialized(_pad_spatial(x, padding))
-  return _sum_of_taps(x_padded, weights, strides), (x_padded, weights)
-
-
-def _shifted_taps_bwd(strides, padding, residuals, grad_out):
-  x_padded, weights = residuals
-  (kh, kw), (sh, sw) = weights.shape[:2], strides
-  (out_h, out_w) = grad_out.shape[1:3]
-  (top, bottom), (left, right) = padding
-  height = x_padded.shape[1] - top - bottom  # the unpadded input
-  width = x_padded.shape[2] - left - right
-  # The input gradient is a stride-1 correlation of the flipped kernel with the output gradient
-  # spread back onto the padded input grid (zeros between the rows/columns of a strided conv),
-  # evaluated on the unpadded input only: the spread starts kh-1 rows before the first input row
-  # (a negative pad crops) and is height + kh - 1 rows long. The same fused single pass as the
-  # forward. (Autodiff's transpose of the strided views is 9 separately materialised pads.)
-  low_h, low_w = kh - 1 - top, kw - 1 - left
-  spread = jax.lax.pad(
-      grad_out, jnp.array(0, grad_out.dtype),
-      ((0, 0, 0), (low_h, height + kh - 1 - low_h - (sh * (out_h - 1) + 1), sh - 1),
-       (low_w, width + kw - 1 - low_w - (sw * (out_w - 1) + 1), sw - 1), (0, 0, 0)))
-  grad_x = _sum_of_taps(_materialized(spread), weights[::-1, ::-1], (1, 1))
-  # Scheduling the kernel gradient after the input gradient measured 0-15% faster on a whole
-  # MobileFaceNet backward pass than letting XLA interleave their fusions.
-  grad_x, x_padded, grad_out = jax.lax.optimization_barrier((grad_x, x_padded, grad_out))
-  return grad_x, _depthwise_kernel_grad(x_padded, grad_out, weights.shape[:2], strides)
-
-
-# Images per step of the kernel-gradient loop: 8 keeps a (8, 30, 30, 128) float32 slice of a
-# MobileFaceNet map (3.7 MB) and its output gradient in cache; 4 and 16 measured slower.
-_KERNEL_GRAD_CHUNK = 8
-
-
-def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
-  """sum over batch and pixels of (the (i, j) strided view of x_padded) * grad_out, per tap.
-
-  Each tap's product is a strided view times grad_out, which XLA:CPU reduces slowly straight
-  from memory. Instead a loop over chunks of `_KERNEL_GRAD_CHUNK` images first adds the chunk's
-  products elementwise (fused with the views) and then reduces only a one-image-sized partial,
-  while the chunk is still in cache: 2-3x faster than the same over the whole batch at once
-  (measured on MobileFaceNet's maps, batch 64). Returns (kh, kw, C) float32.
-  """
-  batch, channels = grad_out.shape[0], grad_out.shape[-1]
-  out_hw = grad_out.shape[1:3]
-
-  def chunk_grad(x_chunk, grad_chunk):
-    partials = []
-    for view in _windows(x_chunk, kernel_hw, strides, out_hw):
-      products = view * grad_chunk
-      partial = products[0]
-      for k in range(1, products.shape[0]):
-        partial = partial + products[k]
-      partials.append(partial)
-    return jnp.sum(jnp.stack(partials), axis=(1, 2))  # (taps, C)
-
-  chunk = min(_KERNEL_GRAD_CHUNK, batch)
-  steps, rest = divmod(batch, chunk)
-
-  # A loop over chunk indices that slices the whole arrays, not a scan over a chunk-shaped
-  # reshape of them: XLA then recomputes the padded input in that shape (a second copy).
-  def body(step, total):
-    start = step * chunk
-    return total + chunk_grad(jax.lax.dynamic_slice_in_dim(x_padded, start, chunk),
-                              jax.lax.dynamic_slice_in_dim(grad_out, start, chunk))
-
-  taps = kernel_hw[0] * kernel_hw[1]
-  total = jax.lax.fori_loop(0, steps, body, jnp.zeros((taps, channels), jnp.float32))
-  if rest:
-    total = total + chunk_grad(x_padded[steps * chunk:], grad_out[steps * chunk:])
-  return total.reshape(*kernel_hw, channels)
-
-
-_shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
-
-
-def conv2d_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-               padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Dense convolution through XLA (``lax.conv_general_dilated``), NHWC / HWIO.
-
-  Args:
-    x: (B, H, W, Cin) input.
-    kernel: (kh, kw, Cin, Cout), same dtype as `x`.
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-
-  Returns:
-    (B, Ho, Wo, Cout).
-  """
-  return jax.lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_gemm_weight_grad(x, kernel, strides, padding):
-  return conv2d_lax(x, kernel, strides, padding)
-
-
-def _conv2d_gemm_fwd(x, kernel, strides, padding):
-  return conv2d_lax(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv2d_gemm_bwd(strides, padding, residuals, grad_out):
-  x, kernel = residuals
-  out_hw = grad_out.shape[1:3]
-  _, input_vjp = jax.vjp(lambda x: conv2d_lax(x, kernel, strides, padding), x)
-  (grad_x,) = input_vjp(grad_out)
-  kh, kw, cin, cout = kernel.shape
-  # One (Cin, B*Ho*Wo) x (B*Ho*Wo, Cout) matmul per tap instead of XLA's weight-gradient
-  # convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). 2-D
-  # operands: a 4-D contraction over (b, h, w) costs XLA:CPU an extra transposed copy. Per-tap
-  # matmuls run as fast as one im2col matmul and never hold the 9x larger im2col matrix.
-  grad_out = grad_out.reshape(-1, cout)
-  grad_kernel = jnp.stack([
-      jax.lax.dot_general(view.reshape(-1, cin), grad_out.astype(view.dtype),
-                          (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      for view in _windows(_pad_spatial(x, padding), (kh, kw), strides, out_hw)])
-  return grad_x, grad_kernel.reshape(kh, kw, cin, cout).astype(kernel.dtype)
-
-
-_conv2d_gemm_weight_grad.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
-
-
-def conv2d_gemm(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Dense convolution whose every pass is a matmul or one of XLA's fast convolutions (CPU).
-
-  A 1x1 kernel is a matmul over channels (of the strided input), forward and backward. So is a
-  convolution of an input with at most `_IM2COL_MAX_CHANNELS` channels (the images of the first
-  layer), over the patch matrix. Other kernels run XLA's convolution forward and for the input
-  gradient, and compute the kernel gradient as one matmul per kernel tap.
-
-  Args:
-    x: (B, H, W, Cin) input.
-    kernel: (kh, kw, Cin, Cout), same dtype as `x`.
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-
-  Returns:
-    (B, Ho, Wo, Cout), equal to :func:`conv2d_lax` up to float rounding, with equal gradients.
-  """
-  if kernel.shape[:2] == (1, 1):
-    sh, sw = strides
-    x = _pad_spatial(x, padding)[:, ::sh, ::sw, :]
-    # A 2-D matmul: its transposes in the backward pass are plain GEMMs (a 4-D einsum's
-    # backward measured 2x slower on XLA:CPU).
-    out = x.reshape(-1, x.shape[-1]) @ kernel[0, 0]
-    return out.reshape(*x.shape[:-1], kernel.shape[-1])
-  if x.shape[-1] <= _IM2COL_MAX_CHANNELS:
-    kh, kw, cin, cout = kernel.shape
-    x_padded = _pad_spatial(x, padding)
-    out_hw = ((x_padded.shape[1] - kh) // strides[0] + 1, (x_padded.shape[2] - kw) // strides[1] + 1)
-    # (B, Ho, Wo, kh*kw*Cin), tap-major like the HWIO kernel's first three axes.
-    patches = jnp.concatenate(_windows(x_padded, (kh, kw), strides, out_hw), axis=-1)
-    out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
-    return out.reshape(x.shape[0], *out_hw, cout)
-  return _conv2d_gemm_weight_grad(x, kernel, tuple(strides), tuple(padding))
-
-
-# Inputs with this few channels are convolved as one matmul over their patches: XLA:CPU's
-# convolution of the 3-channel 112x112 images ran at 3-10 GFLOP/s, and the patch matrix is small
-# (kh*kw*Cin = 27 columns). Measured on the first layer, batch 64: weight gradient 121 -> 87 ms.
-_IM2COL_MAX_CHANNELS = 4
-
-
-_CONV_FNS = {'lax': conv2d_lax, 'gemm': conv2d_gemm}
-_DEPTHWISE_FNS = {'lax': depthwise_conv_lax, 'shifted': depthwise_conv_shifted}
-
 
 class DepthwiseConv2D(nn.Module):
   """Depthwise 2-D convolution without bias (one kh x kw filter per input channel).
@@ -358,8 +36,8 @@ class DepthwiseConv2D(nn.Module):
     kernel_size: (kh, kw).
     strides: (sh, sw) or an int.
     padding: 'VALID', an int (symmetric) or ((top, bottom), (left, right)).
-    impl: 'auto', 'lax' or 'shifted' (see :func:`resolve_depthwise_impl`); all read the same
-      ``kernel`` param of shape (kh, kw, 1, C).
+    impl: 'auto', 'lax' or 'shifted' (see :func:`convolutions.resolve_depthwise_impl`); all
+      read the same ``kernel`` param of shape (kh, kw, 1, C).
     dtype: compute dtype.
     param_dtype: dtype of the kernel.
   """
@@ -377,9 +55,9 @@ class DepthwiseConv2D(nn.Module):
     channels = x.shape[-1]
     kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, channels), self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    fn = _DEPTHWISE_FNS[resolve_depthwise_impl(self.impl)]
+    fn = convolutions.DEPTHWISE_FNS[convolutions.resolve_depthwise_impl(self.impl)]
     return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
-              _explicit_padding(self.padding))
+              convolutions.explicit_padding(self.padding))
 
 
 class Conv2D(nn.Module):
@@ -393,7 +71,7 @@ class Conv2D(nn.Module):
     kernel_size: (kh, kw).
     strides: (sh, sw) or an int.
     padding: 'VALID', an int (symmetric) or ((top, bottom), (left, right)).
-    impl: 'auto', 'lax' or 'gemm' (see :func:`resolve_conv_impl`).
+    impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
     dtype: compute dtype.
     param_dtype: dtype of the kernel.
   """
@@ -412,9 +90,9 @@ class Conv2D(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    fn = _CONV_FNS[resolve_conv_impl(self.impl)]
+    fn = convolutions.CONV_FNS[convolutions.resolve_conv_impl(self.impl)]
     return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
-              _explicit_padding(self.padding))
+              convolutions.explicit_padding(self.padding))
 
 
 class BatchNorm(nn.Module):

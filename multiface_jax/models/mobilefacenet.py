@@ -93,8 +93,8 @@ class MobileFaceNet(nn.Module):
 
   Attributes:
     embedding_size: size of the output embedding.
-    depthwise_impl: 'auto', 'lax' or 'shifted' (see :func:`layers.resolve_depthwise_impl`).
-    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`layers.resolve_conv_impl`).
+    depthwise_impl: 'auto', 'lax' or 'shifted' (see :func:`convolutions.resolve_depthwise_impl`).
+    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   embedding_size: int = 512
