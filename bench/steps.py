@@ -237,7 +237,8 @@ def keep_freed_memory() -> bool:
 
 
 def torch_reference():
-  """Imports ``tests/torch_reference.py`` (needs torch, from requirements-torch.txt)."""
+  """Imports ``tests/torch_reference.py`` (needs torch, from requirements-torch.txt); every PyTorch
+  builder goes through here, so it also applies :func:`keep_freed_memory` first."""
   keep_freed_memory()
   tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
   if tests_dir not in sys.path:
