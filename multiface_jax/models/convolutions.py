@@ -22,6 +22,14 @@ DEPTHWISE_IMPLS = ('auto', 'lax', 'shifted')
 CONV_IMPLS = ('auto', 'lax', 'gemm')
 
 
+def _resolve(impl: str, kind: str, valid: tuple[str, ...], on_cpu: str) -> str:
+  """`impl`, or for 'auto' `on_cpu` on the CPU backend and 'lax' elsewhere; rejects unknowns."""
+  if impl not in valid:
+    raise ValueError(f'Unknown {kind} {impl!r}; valid: {", ".join(valid)}.')
+  if impl == 'auto':
+    return on_cpu if jax.default_backend() == 'cpu' else 'lax'
+  return impl
+
 
 def resolve_depthwise_impl(impl: str) -> str:
   """Returns the concrete depthwise implementation for `impl` on the default backend.
@@ -33,11 +41,7 @@ def resolve_depthwise_impl(impl: str) -> str:
   Returns:
     ``'lax'`` or ``'shifted'``.
   """
-  if impl not in DEPTHWISE_IMPLS:
-    raise ValueError(f'Unknown depthwise_impl {impl!r}; valid: {", ".join(DEPTHWISE_IMPLS)}.')
-  if impl == 'auto':
-    return 'shifted' if jax.default_backend() == 'cpu' else 'lax'
-  return impl
+  return _resolve(impl, 'depthwise_impl', DEPTHWISE_IMPLS, on_cpu='shifted')
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -51,11 +55,7 @@ def resolve_conv_impl(impl: str) -> str:
   Returns:
     ``'lax'`` or ``'gemm'``.
   """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'Unknown conv_impl {impl!r}; valid: {", ".join(CONV_IMPLS)}.')
-  if impl == 'auto':
-    return 'gemm' if jax.default_backend() == 'cpu' else 'lax'
-  return impl
+  return _resolve(impl, 'conv_impl', CONV_IMPLS, on_cpu='gemm')
 
 
 def explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int], ...]:
