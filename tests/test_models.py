@@ -371,6 +371,33 @@ def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size,
     np.testing.assert_allclose(grad_x, results['lax'][1][0], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.parametrize('stride,size,cin,cout', [(1, 6, 5, 4), (2, 8, 6, 3)])
+def test_conv_gemm_kernel_gradient_over_image_chunks(monkeypatch, stride, size, cin, cout):
+  """The 'gemm' kernel gradient loops over chunks of images sized in bytes; with a budget of two
+  padded images, a batch of 5 runs two chunks in the loop and one image after it."""
+  rng = np.random.default_rng(stride * 10 + size)
+  x = rng.normal(size=(5, size, size, cin)).astype(np.float32)
+  kernel = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
+  cotangent = rng.normal(size=conv_numpy(x, kernel, stride, 1).shape).astype(np.float32)
+  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  monkeypatch.setattr(convolutions, '_CONV_KERNEL_GRAD_CHUNK_BYTES', 2 * xp[0].nbytes)
+
+  conv = functools.partial(convolutions.conv2d_gemm, strides=(stride, stride),
+                           padding=((1, 1), (1, 1)))
+  _, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(kernel))
+  _, grad_w = vjp(jnp.asarray(cotangent))
+  out_h = cotangent.shape[1]
+  expected = np.zeros_like(kernel)
+  for u in range(3):
+    for v in range(3):
+      window = xp[:, u:u + stride * (out_h - 1) + 1:stride, v:v + stride * (out_h - 1) + 1:stride]
+      expected[u, v] = np.einsum('bhwc,bhwo->co', window, cotangent)
+  np.testing.assert_allclose(grad_w, expected, rtol=1e-4, atol=1e-4)
+  jaxpr = str(jax.make_jaxpr(vjp)(jnp.asarray(cotangent)))
+  # The chunk loop ran (fori_loop with static bounds traces to a scan, else a while).
+  assert ' scan[' in jaxpr or ' while[' in jaxpr
+
+
 def test_conv2d_reads_flax_conv_parameters():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
   flax_conv = nn.Conv(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)

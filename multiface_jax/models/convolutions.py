@@ -11,6 +11,7 @@ take the same kernels, so the choice never touches checkpoints.
 Padding is explicit, PyTorch-style: 'VALID', an int, or ((top, bottom), (left, right)).
 """
 import functools
+import math
 from typing import Sequence, Union
 
 import jax
@@ -199,19 +200,18 @@ def _shifted_taps_bwd(strides, padding, residuals, grad_out):
 
 # Images per step of the kernel-gradient loop: 8 keeps a (8, 30, 30, 128) float32 slice of a
 # MobileFaceNet map (3.7 MB) and its output gradient in cache; 4 and 16 measured slower.
-_KERNEL_GRAD_CHUNK = 8
+_DEPTHWISE_KERNEL_GRAD_CHUNK = 8
 
 
 def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   """sum over batch and pixels of (the (i, j) strided view of x_padded) * grad_out, per tap.
 
   Each tap's product is a strided view times grad_out, which XLA:CPU reduces slowly straight
-  from memory. Instead a loop over chunks of `_KERNEL_GRAD_CHUNK` images first adds the chunk's
-  products elementwise (fused with the views) and then reduces only a one-image-sized partial,
-  while the chunk is still in cache: 2-3x faster than the same over the whole batch at once
+  from memory. Instead a loop over chunks of `_DEPTHWISE_KERNEL_GRAD_CHUNK` images first adds the
+  chunk's products elementwise (fused with the views) and then reduces only a one-image-sized
+  partial, while the chunk is still in cache: 2-3x faster than the same over the whole batch at once
   (measured on MobileFaceNet's maps, batch 64). Returns (kh, kw, C) float32.
   """
-  batch, channels = grad_out.shape[0], grad_out.shape[-1]
   out_hw = grad_out.shape[1:3]
 
   def chunk_grad(x_chunk, grad_chunk):
@@ -224,21 +224,33 @@ def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
       partials.append(partial)
     return jnp.sum(jnp.stack(partials), axis=(1, 2))  # (taps, C)
 
-  chunk = min(_KERNEL_GRAD_CHUNK, batch)
-  steps, rest = divmod(batch, chunk)
+  total = _sum_over_image_chunks(chunk_grad, _DEPTHWISE_KERNEL_GRAD_CHUNK, x_padded,
+                                 grad_out)
+  return total.reshape(*kernel_hw, grad_out.shape[-1])
 
-  # A loop over chunk indices that slices the whole arrays, not a scan over a chunk-shaped
-  # reshape of them: XLA then recomputes the padded input in that shape (a second copy).
+
+def _sum_over_image_chunks(fn, chunk, *arrays):
+  """sum of fn(*slices) over consecutive slices of `chunk` images of `arrays` (a batch axis 0).
+
+  A loop over chunk indices that slices the whole arrays, not a scan over a chunk-shaped reshape
+  of them: XLA then recomputes an input (e.g. a padded one) in that shape, a second copy. The
+  last, shorter chunk of a batch that `chunk` does not divide is added outside the loop.
+  """
+  batch = arrays[0].shape[0]
+  chunk = min(chunk, batch)
+  steps, rest = divmod(batch, chunk)
+  if steps == 1 and not rest:
+    return fn(*arrays)
+
   def body(step, total):
     start = step * chunk
-    return total + chunk_grad(jax.lax.dynamic_slice_in_dim(x_padded, start, chunk),
-                              jax.lax.dynamic_slice_in_dim(grad_out, start, chunk))
+    return total + fn(*(jax.lax.dynamic_slice_in_dim(a, start, chunk) for a in arrays))
 
-  taps = kernel_hw[0] * kernel_hw[1]
-  total = jax.lax.fori_loop(0, steps, body, jnp.zeros((taps, channels), jnp.float32))
+  result = jax.eval_shape(fn, *(a[:chunk] for a in arrays))
+  total = jax.lax.fori_loop(0, steps, body, jnp.zeros(result.shape, result.dtype))
   if rest:
-    total = total + chunk_grad(x_padded[steps * chunk:], grad_out[steps * chunk:])
-  return total.reshape(*kernel_hw, channels)
+    total = total + fn(*(a[steps * chunk:] for a in arrays))
+  return total
 
 
 _shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
@@ -275,17 +287,43 @@ def _conv2d_gemm_bwd(strides, padding, residuals, grad_out):
   out_hw = grad_out.shape[1:3]
   _, input_vjp = jax.vjp(lambda x: conv2d_lax(x, kernel, strides, padding), x)
   (grad_x,) = input_vjp(grad_out)
-  kh, kw, cin, cout = kernel.shape
-  # One (Cin, B*Ho*Wo) x (B*Ho*Wo, Cout) matmul per tap instead of XLA's weight-gradient
-  # convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). 2-D
-  # operands: a 4-D contraction over (b, h, w) costs XLA:CPU an extra transposed copy. Per-tap
-  # matmuls run as fast as one im2col matmul and never hold the 9x larger im2col matrix.
-  grad_out = grad_out.reshape(-1, cout)
-  grad_kernel = jnp.stack([
-      jax.lax.dot_general(view.reshape(-1, cin), grad_out.astype(view.dtype),
-                          (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-      for view in _windows(_pad_spatial(x, padding), (kh, kw), strides, out_hw)])
-  return grad_x, grad_kernel.reshape(kh, kw, cin, cout).astype(kernel.dtype)
+  grad_kernel = _conv_kernel_grad(_pad_spatial(x, padding), grad_out, kernel.shape[:2], strides)
+  return grad_x, grad_kernel.astype(kernel.dtype)
+
+
+# Bytes of padded input per chunk of the dense kernel gradient (one 58x58x64 float32 image of
+# IR-SE50's first stage, two 30x30x128 ones of its second): measured 1.6-2.4x faster than the
+# whole batch at once on those maps (batch 16), while bigger chunks lost most of the gain.
+_CONV_KERNEL_GRAD_CHUNK_BYTES = 1 << 20
+
+
+def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
+  """The (kh, kw, Cin, Cout) float32 kernel gradient of a dense convolution.
+
+  One (Cin, rows) x (rows, Cout) matmul per kernel tap instead of XLA's weight-gradient
+  convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). Each tap's
+  strided view is copied into a matrix first; over a loop of image chunks small enough that the
+  copy stays in cache (`_CONV_KERNEL_GRAD_CHUNK_BYTES`), unless a chunk would have fewer rows
+  than the gradient has output channels: then the per-chunk sum of the (Cin, Cout) products
+  outweighs the copy (IR-SE50's 7x7 stage measured 37 -> 44-115 ms chunked). 2-D operands: a
+  4-D contraction over (b, h, w) costs XLA:CPU an extra transposed copy.
+  """
+  cin, cout = x_padded.shape[-1], grad_out.shape[-1]
+  out_hw = grad_out.shape[1:3]
+  image_bytes = math.prod(x_padded.shape[1:]) * x_padded.dtype.itemsize
+  chunk = max(1, _CONV_KERNEL_GRAD_CHUNK_BYTES // image_bytes)
+  if chunk * out_hw[0] * out_hw[1] < cout:
+    chunk = grad_out.shape[0]
+
+  def chunk_grad(x_chunk, grad_chunk):
+    grad_chunk = grad_chunk.reshape(-1, cout).astype(x_chunk.dtype)
+    return jnp.stack([
+        jax.lax.dot_general(view.reshape(-1, cin), grad_chunk, (((0,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+        for view in _windows(x_chunk, kernel_hw, strides, out_hw)])
+
+  total = _sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
+  return total.reshape(*kernel_hw, cin, cout)
 
 
 _conv2d_gemm_weight_grad.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
