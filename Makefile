@@ -29,10 +29,8 @@ $(TORCH_STAMP): requirements-torch.txt $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
 
-# Transparent huge pages for XLA's per-step buffers (glibc >= 2.35; ignored elsewhere): 443,000 ->
-# ~1,500 page faults per MobileFaceNet train step on CPU, 20.5 -> 24.7 images/s (bench/RESULTS.md).
 demo: $(STAMP)
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) -m multiface_jax.demo --workdir=runs/demo
+	$(PY) -m multiface_jax.demo --workdir=runs/demo
 
 clean:
 	rm -rf runs

@@ -13,6 +13,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from multiface_jax import hugepages
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Config file (e.g. configs/mfn_arcface_n2.py).',
                                 lock_config=True)
@@ -23,6 +25,10 @@ flags.DEFINE_string('checkpoint', None, 'eval: checkpoint to evaluate (a step fo
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+flags.DEFINE_bool('huge_pages', True, 'Linux (glibc >= 2.35): re-run this command once with '
+                  'GLIBC_TUNABLES=glibc.malloc.hugetlb=1, transparent huge pages for the '
+                  'buffers XLA:CPU allocates every step (20.5 -> 24.7 images/s training '
+                  'MobileFaceNet on 2 cores). See multiface_jax/hugepages.py.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 # Schedulers under which jax.distributed.initialize() finds the processes by itself.
@@ -37,6 +43,8 @@ def _is_multihost() -> bool:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  if FLAGS.huge_pages:
+    hugepages.reexec_with_huge_pages()  # returns at once where set already or without effect
   if not FLAGS['verbosity'].present:  # Orbax logs every save at INFO; --verbosity=0 shows it.
     logging.set_verbosity(logging.WARNING)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')

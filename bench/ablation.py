@@ -33,8 +33,9 @@ def main(argv):
   del argv
   variants = [dict(item.split('=') for item in entry.split(','))
               for entry in FLAGS.variants.split(':')]
+  huge_pages = bench_steps.huge_pages_from_flag()
   print(f'{FLAGS.net} train step, batch {FLAGS.batch}, {time.strftime("%Y-%m-%d %H:%M:%S")}, '
-        f'load {os.getloadavg()[0]:.1f}', flush=True)
+        f'load {os.getloadavg()[0]:.1f}, huge pages {huge_pages}', flush=True)
   timed, compile_s = [], []
   for options in variants:
     step = bench_steps.jax_train_step(FLAGS.net, batch_size=FLAGS.batch,

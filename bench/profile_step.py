@@ -135,10 +135,12 @@ def profile_torch():
 
 def main(argv):
   del argv
+  huge_pages = bench_steps.huge_pages_from_flag()
   print(f'{FLAGS.net} batch {FLAGS.batch}, {FLAGS.num_spheres}-sphere ArcFace over '
         f'{FLAGS.num_classes} classes, {FLAGS.dtype}, head precision {FLAGS.head_precision}, '
         f'options {FLAGS.model_options}; {jax.default_backend()}; '
-        f'{time.strftime("%Y-%m-%d %H:%M:%S")}; load {os.getloadavg()[0]:.1f}', flush=True)
+        f'{time.strftime("%Y-%m-%d %H:%M:%S")}; load {os.getloadavg()[0]:.1f}; '
+        f'huge pages {huge_pages}', flush=True)
   jax_rows = profile_jax()
   print(f'{"JAX piece":20s} {"median ms":>10s} {"compile s":>10s}')
   for name, (ms, compile_s) in jax_rows.items():

@@ -12,6 +12,10 @@ steps, the min-max range and the 1-minute load average during the measurements.
 
 Threads: PyTorch uses ``--torch_threads`` intra-op threads (default: every core). XLA:CPU runs
 its own thread pool over every core; the two never run at the same time.
+
+Memory: like main.py, the script re-runs itself with transparent huge pages for malloc
+(``--nohuge_pages`` to measure without; multiface_jax/hugepages.py), so both sides allocate
+the same way, and PyTorch keeps freed memory for reuse (``steps.keep_freed_memory``).
 """
 import functools
 import os
@@ -160,9 +164,10 @@ def model_tflops(r) -> float:
 
 def main(argv):
   del argv
+  huge_pages = bench_steps.huge_pages_from_flag()
   import jax  # pylint: disable=import-outside-toplevel
   print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); '
-        f'{os.cpu_count()} CPUs; reps={FLAGS.reps} x steps={FLAGS.steps}; '
+        f'{os.cpu_count()} CPUs; huge pages {huge_pages}; reps={FLAGS.reps} x steps={FLAGS.steps}; '
         f'model_options={model_options()}; head_precision={FLAGS.head_precision}; '
         f'{time.strftime("%Y-%m-%d %H:%M:%S")}', flush=True)
   if FLAGS.torch:

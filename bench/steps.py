@@ -25,8 +25,21 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
 
-from multiface_jax import heads, models, optim, parallel
+from multiface_jax import heads, hugepages, models, optim, parallel
+
+flags.DEFINE_bool('huge_pages', True, 'Re-run the script with transparent huge pages for malloc '
+                  '(multiface_jax/hugepages.py), as main.py does; JAX and PyTorch both get them.')
+
+
+def huge_pages_from_flag() -> str:
+  """Re-executes the script with huge pages when --huge_pages (and they are not on yet); returns
+  'on' or 'off' for the header of the results."""
+  if flags.FLAGS.huge_pages:
+    hugepages.reexec_with_huge_pages()
+  return 'on' if hugepages.active() else 'off'
+
 
 
 def _import_train():
