@@ -8,7 +8,8 @@ Workloads (the issue's): MobileFaceNet trains with a 2-sphere ArcFace head over 
 batch 64 and embeds at batch 64; IR-SE nets train at batch 16 and embed at batch 32. The JAX and
 PyTorch timings are interleaved (JAX reps, then PyTorch reps, alternating) so that both see the
 same machine load; each line gives the median images/s over `--reps` repetitions of `--steps`
-steps, the min-max range and the 1-minute load average during the measurements.
+steps (each after one untimed step, see `time_reps`), the min-max range and the 1-minute load
+average during the measurements.
 
 Threads: PyTorch uses ``--torch_threads`` intra-op threads (default: every core). XLA:CPU runs
 its own thread pool over every core; the two never run at the same time.
@@ -84,7 +85,13 @@ def builders(net: str, mode: str, dtype: str):
 
 
 def time_reps(timed, batch, reps_log):
-  """Runs one repetition; appends (images/s, load average) to reps_log."""
+  """Runs one repetition; appends (images/s, load average) to reps_log.
+
+  A repetition starts with one untimed step: the first step after the other framework ran pays
+  for that framework's use of memory and caches (JAX's MobileFaceNet training step measured 16.0
+  images/s right after a PyTorch step, 25-27 for the steps after it).
+  """
+  timed.run(1)
   start = time.perf_counter()
   timed.run(FLAGS.steps)
   seconds = time.perf_counter() - start
