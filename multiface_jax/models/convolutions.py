@@ -198,17 +198,21 @@ def _shifted_taps_bwd(strides, padding, residuals, grad_out):
   return grad_x, _depthwise_kernel_grad(x_padded, grad_out, weights.shape[:2], strides)
 
 
-# Images per step of the kernel-gradient loop: 8 keeps a (8, 30, 30, 128) float32 slice of a
-# MobileFaceNet map (3.7 MB) and its output gradient in cache; 4 and 16 measured slower.
+# Images per step of the kernel-gradient loop, by stride: 8 keeps a (8, 30, 30, 128) float32 slice
+# of a MobileFaceNet map (3.7 MB) and its output gradient in cache; 4 and 16 measured slower. A
+# strided convolution's loop runs fastest one image at a time (batch 64, ms for chunks of 1/2/8
+# images: (56, 56, 128) stride 2 37/74/60, (28, 28, 256) stride 2 18/31/25), where stride 1
+# measured 1.5-3x slower at 1 than at 8.
 _DEPTHWISE_KERNEL_GRAD_CHUNK = 8
+_DEPTHWISE_KERNEL_GRAD_CHUNK_STRIDED = 1
 
 
 def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   """sum over batch and pixels of (the (i, j) strided view of x_padded) * grad_out, per tap.
 
   Each tap's product is a strided view times grad_out, which XLA:CPU reduces slowly straight
-  from memory. Instead a loop over chunks of `_DEPTHWISE_KERNEL_GRAD_CHUNK` images first adds the
-  chunk's products elementwise (fused with the views) and then reduces only a one-image-sized
+  from memory. Instead a loop over chunks of a few images (`_DEPTHWISE_KERNEL_GRAD_CHUNK*`) first
+  adds the chunk's products elementwise (fused with the views) and then reduces only a one-image-sized
   partial, while the chunk is still in cache: 2-3x faster than the same over the whole batch at once
   (measured on MobileFaceNet's maps, batch 64). Returns (kh, kw, C) float32.
   """
@@ -224,8 +228,9 @@ def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
       partials.append(partial)
     return jnp.sum(jnp.stack(partials), axis=(1, 2))  # (taps, C)
 
-  total = _sum_over_image_chunks(chunk_grad, _DEPTHWISE_KERNEL_GRAD_CHUNK, x_padded,
-                                 grad_out)
+  chunk = (_DEPTHWISE_KERNEL_GRAD_CHUNK if tuple(strides) == (1, 1) else
+           _DEPTHWISE_KERNEL_GRAD_CHUNK_STRIDED)
+  total = _sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
   return total.reshape(*kernel_hw, grad_out.shape[-1])
 
 
