@@ -257,9 +257,14 @@ def test_batchnorm_equals_flax_batchnorm_in_value_statistics_and_gradient(dtype)
                                rtol=tolerance, atol=tolerance)
 
 
-def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu():
+@pytest.mark.parametrize('images_per_chunk', [None, 2])
+def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu(monkeypatch, images_per_chunk):
+  """None: the whole batch in one chunk; 2: the backward's sums loop over chunks of 2 images of
+  the batch of 5 (two in the loop, one after it)."""
   rng = np.random.default_rng(5)
-  x = jnp.asarray(rng.normal(0.5, 2.0, size=(4, 5, 5, 6)), jnp.float32)
+  x = jnp.asarray(rng.normal(0.5, 2.0, size=(5, 5, 5, 6)), jnp.float32)
+  if images_per_chunk:
+    monkeypatch.setattr(convolutions, 'CHUNK_BYTES', images_per_chunk * x[0].nbytes)
   multiplier = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
   shift = jnp.asarray(rng.normal(size=6), jnp.float32)
   slope = jnp.asarray(rng.uniform(0.1, 0.4, 6), jnp.float32)
@@ -274,6 +279,8 @@ def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu():
   np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
   for want, got in zip(expected_vjp(cotangent), actual_vjp(cotangent)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(actual_vjp)(cotangent))
+  assert (' scan[' in jaxpr or ' while[' in jaxpr) == bool(images_per_chunk)
 
 
 def test_conv_block_fused_batchnorm_prelu_equals_separate_layers():
@@ -380,7 +387,7 @@ def test_conv_gemm_kernel_gradient_over_image_chunks(monkeypatch, stride, size, 
   kernel = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
   cotangent = rng.normal(size=conv_numpy(x, kernel, stride, 1).shape).astype(np.float32)
   xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  monkeypatch.setattr(convolutions, '_CONV_KERNEL_GRAD_CHUNK_BYTES', 2 * xp[0].nbytes)
+  monkeypatch.setattr(convolutions, 'CHUNK_BYTES', 2 * xp[0].nbytes)
 
   conv = functools.partial(convolutions.conv2d_gemm, strides=(stride, stride),
                            padding=((1, 1), (1, 1)))

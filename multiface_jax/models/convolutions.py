@@ -230,16 +230,19 @@ def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
 
   chunk = (_DEPTHWISE_KERNEL_GRAD_CHUNK if tuple(strides) == (1, 1) else
            _DEPTHWISE_KERNEL_GRAD_CHUNK_STRIDED)
-  total = _sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
+  total = sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
   return total.reshape(*kernel_hw, grad_out.shape[-1])
 
 
-def _sum_over_image_chunks(fn, chunk, *arrays):
+def sum_over_image_chunks(fn, chunk, *arrays):
   """sum of fn(*slices) over consecutive slices of `chunk` images of `arrays` (a batch axis 0).
 
-  A loop over chunk indices that slices the whole arrays, not a scan over a chunk-shaped reshape
-  of them: XLA then recomputes an input (e.g. a padded one) in that shape, a second copy. The
-  last, shorter chunk of a batch that `chunk` does not divide is added outside the loop.
+  For reductions that XLA:CPU runs from memory once per reduced quantity: each chunk is read
+  from memory once, and the several reductions over it (or the copies before a matmul) then run
+  in cache. A loop over chunk indices that slices the whole arrays, not a scan over a
+  chunk-shaped reshape of them: XLA then recomputes an input (e.g. a padded one) in that shape,
+  a second copy. The last, shorter chunk of a batch that `chunk` does not divide is added
+  outside the loop.
   """
   batch = arrays[0].shape[0]
   chunk = min(chunk, batch)
@@ -296,10 +299,18 @@ def _conv2d_gemm_bwd(strides, padding, residuals, grad_out):
   return grad_x, grad_kernel.astype(kernel.dtype)
 
 
-# Bytes of padded input per chunk of the dense kernel gradient (one 58x58x64 float32 image of
-# IR-SE50's first stage, two 30x30x128 ones of its second): measured 1.6-2.4x faster than the
-# whole batch at once on those maps (batch 16), while bigger chunks lost most of the gain.
-_CONV_KERNEL_GRAD_CHUNK_BYTES = 1 << 20
+# Bytes of one input per chunk of `sum_over_image_chunks` for the dense kernel gradient and the
+# BatchNorm + PReLU backward (layers.affine_prelu): one 58x58x64 float32 image of IR-SE50's first
+# stage, two 30x30x128 ones of its second. Measured against the whole batch at once: kernel
+# gradient 1.6-2.4x faster on those maps (batch 16); BatchNorm + PReLU backward 112 -> 56 ms on a
+# (64, 56, 56, 128) map, 48 -> 32 on (64, 28, 28, 256), 39 -> 18 on (64, 14, 14, 512). Chunks
+# of 4 MiB and more lost most of the gain.
+CHUNK_BYTES = 1 << 20
+
+
+def images_per_chunk(x: jax.Array) -> int:
+  """How many images (slices along axis 0) of `x` fit `CHUNK_BYTES`; at least 1."""
+  return max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.dtype.itemsize))
 
 
 def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
@@ -308,15 +319,14 @@ def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   One (Cin, rows) x (rows, Cout) matmul per kernel tap instead of XLA's weight-gradient
   convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). Each tap's
   strided view is copied into a matrix first; over a loop of image chunks small enough that the
-  copy stays in cache (`_CONV_KERNEL_GRAD_CHUNK_BYTES`), unless a chunk would have fewer rows
+  copy stays in cache (`CHUNK_BYTES`), unless a chunk would have fewer rows
   than the gradient has output channels: then the per-chunk sum of the (Cin, Cout) products
   outweighs the copy (IR-SE50's 7x7 stage measured 37 -> 44-115 ms chunked). 2-D operands: a
   4-D contraction over (b, h, w) costs XLA:CPU an extra transposed copy.
   """
   cin, cout = x_padded.shape[-1], grad_out.shape[-1]
   out_hw = grad_out.shape[1:3]
-  image_bytes = math.prod(x_padded.shape[1:]) * x_padded.dtype.itemsize
-  chunk = max(1, _CONV_KERNEL_GRAD_CHUNK_BYTES // image_bytes)
+  chunk = images_per_chunk(x_padded)
   if chunk * out_hw[0] * out_hw[1] < cout:
     chunk = grad_out.shape[0]
 
@@ -327,7 +337,7 @@ def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
                             preferred_element_type=jnp.float32)
         for view in _windows(x_chunk, kernel_hw, strides, out_hw)])
 
-  total = _sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
+  total = sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
   return total.reshape(*kernel_hw, cin, cout)
 
 

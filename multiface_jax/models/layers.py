@@ -173,15 +173,28 @@ def _affine_prelu_fwd(x, multiplier, shift, slope):
 
 def _affine_prelu_bwd(residuals, grad_out):
   x, multiplier, shift, slope = residuals
-  x32 = x.astype(jnp.float32)
-  y = x32 * multiplier + shift
-  negative = y < 0
-  grad_out = grad_out.astype(jnp.float32)
-  grad_y = jnp.where(negative, slope.astype(jnp.float32) * grad_out, grad_out)
   axes = tuple(range(x.ndim - 1))
-  return ((grad_y * multiplier).astype(x.dtype), jnp.sum(grad_y * x32, axes),
-          jnp.sum(grad_y, axes),
-          jnp.sum(jnp.where(negative, y * grad_out, 0.0), axes).astype(slope.dtype))
+  slope32 = slope.astype(jnp.float32)
+
+  def recomputed(x, grad_out):
+    x32 = x.astype(jnp.float32)
+    y = x32 * multiplier + shift
+    negative = y < 0
+    grad_out = grad_out.astype(jnp.float32)
+    return x32, y, negative, grad_out, jnp.where(negative, slope32 * grad_out, grad_out)
+
+  def sums(x, grad_out):  # (3, C): the gradients of multiplier, shift and slope
+    x32, y, negative, grad_out, grad_y = recomputed(x, grad_out)
+    return jnp.stack([jnp.sum(grad_y * x32, axes), jnp.sum(grad_y, axes),
+                      jnp.sum(jnp.where(negative, y * grad_out, 0.0), axes)])
+
+  # The three sums over a chunk of images at a time, the chunk in cache (XLA:CPU reads the
+  # whole of x and grad_out from memory once per sum otherwise); the input gradient in one pass.
+  grad_multiplier, grad_shift, grad_slope = convolutions.sum_over_image_chunks(
+      sums, convolutions.images_per_chunk(x), x, grad_out)
+  grad_y = recomputed(x, grad_out)[-1]
+  return ((grad_y * multiplier).astype(x.dtype), grad_multiplier, grad_shift,
+          grad_slope.astype(slope.dtype))
 
 
 affine_prelu.defvjp(_affine_prelu_fwd, _affine_prelu_bwd)
