@@ -9,8 +9,9 @@ step, 20.5 -> 24.7 images/s on the same step. ``mallopt`` cannot do this (no thr
 32 MiB, no huge pages), and glibc reads tunables only when a process starts, so an entry point
 that wants them re-executes itself once with the tunable added to ``GLIBC_TUNABLES``.
 
-Only entry points call this (``main.py``, the demo, ``bench/speed.py``), first thing after flag
-parsing, before anything is written. The library itself never re-executes.
+Only entry points call this (``main.py``, which the demo runs for training, and the bench
+scripts), first thing after flag parsing, before anything is written. The library itself never
+re-executes.
 """
 import os
 import sys
@@ -24,7 +25,9 @@ def _glibc_version() -> tuple[int, ...]:
     name, version = os.confstr('CS_GNU_LIBC_VERSION').split()  # e.g. 'glibc 2.36'
   except (AttributeError, ValueError, OSError):  # not glibc (musl, macOS, Windows)
     return ()
-  return tuple(int(part) for part in version.split('.') if part.isdigit()) if name == 'glibc' else ()
+  if name != 'glibc':
+    return ()
+  return tuple(int(part) for part in version.split('.') if part.isdigit())
 
 
 def _transparent_huge_pages_enabled() -> bool:

@@ -211,10 +211,10 @@ def _depthwise_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   """sum over batch and pixels of (the (i, j) strided view of x_padded) * grad_out, per tap.
 
   Each tap's product is a strided view times grad_out, which XLA:CPU reduces slowly straight
-  from memory. Instead a loop over chunks of a few images (`_DEPTHWISE_KERNEL_GRAD_CHUNK*`) first
-  adds the chunk's products elementwise (fused with the views) and then reduces only a one-image-sized
-  partial, while the chunk is still in cache: 2-3x faster than the same over the whole batch at once
-  (measured on MobileFaceNet's maps, batch 64). Returns (kh, kw, C) float32.
+  from memory. Instead a loop over chunks of a few images (`_DEPTHWISE_KERNEL_GRAD_CHUNK*`)
+  first adds the chunk's products elementwise (fused with the views) and then reduces only a
+  one-image-sized partial, while the chunk is still in cache: 2-3x faster than the same over the
+  whole batch at once (measured on MobileFaceNet's maps, batch 64). Returns (kh, kw, C) float32.
   """
   out_hw = grad_out.shape[1:3]
 
@@ -309,7 +309,11 @@ CHUNK_BYTES = 1 << 20
 
 
 def images_per_chunk(x: jax.Array) -> int:
-  """How many images (slices along axis 0) of `x` fit `CHUNK_BYTES`; at least 1."""
+  """How many images (slices along axis 0) of `x` fit `CHUNK_BYTES`, at least 1, on the CPU
+  backend; elsewhere the whole batch (a GPU reduces a whole map in one pass, and a loop of small
+  kernels would only add launches)."""
+  if jax.default_backend() != 'cpu':
+    return x.shape[0]
   return max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.dtype.itemsize))
 
 
@@ -319,10 +323,10 @@ def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
   One (Cin, rows) x (rows, Cout) matmul per kernel tap instead of XLA's weight-gradient
   convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). Each tap's
   strided view is copied into a matrix first; over a loop of image chunks small enough that the
-  copy stays in cache (`CHUNK_BYTES`), unless a chunk would have fewer rows
-  than the gradient has output channels: then the per-chunk sum of the (Cin, Cout) products
-  outweighs the copy (IR-SE50's 7x7 stage measured 37 -> 44-115 ms chunked). 2-D operands: a
-  4-D contraction over (b, h, w) costs XLA:CPU an extra transposed copy.
+  copy stays in cache (`CHUNK_BYTES`), unless a chunk would have fewer rows than the gradient has
+  output channels: then the per-chunk sum of the (Cin, Cout) products outweighs the copy
+  (IR-SE50's 7x7 stage measured 37 -> 44-115 ms chunked). 2-D operands: a 4-D contraction over
+  (b, h, w) costs XLA:CPU an extra transposed copy.
   """
   cin, cout = x_padded.shape[-1], grad_out.shape[-1]
   out_hw = grad_out.shape[1:3]
