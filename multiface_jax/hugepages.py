@@ -68,4 +68,9 @@ def reexec_with_huge_pages() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment())
+  try:
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], environment())
+  except OSError as error:  # e.g. an interpreter path that no longer exists: run on without
+    print(f'Could not re-run {sys.executable} with {TUNABLE}=1 ({error}); continuing without '
+          'huge pages (set GLIBC_TUNABLES yourself, or pass --nohuge_pages to skip this).',
+          file=sys.stderr, flush=True)
