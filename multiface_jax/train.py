@@ -185,7 +185,7 @@ class Trainer:
                           mesh=self.mesh),
         in_shardings=(self.state_shardings, parallel.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, parallel.replicated(self.mesh)),
-        donate_argnums=0)
+        donate_argnums=0, compiler_options=models.compiler_options())
     self.all_finite = jax.jit(parallel.tree_all_finite)
 
   def fresh_state(self) -> TrainState:

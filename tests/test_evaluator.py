@@ -22,6 +22,8 @@ from PIL import Image
 from multiface_jax.data import verification_sets
 from multiface_jax.evaluation import embed, evaluator, protocol
 
+import train_testlib as lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_BIN = os.path.join(REPO, 'tests', 'data', 'emore', 'pairs20.bin')
 
@@ -88,19 +90,39 @@ def test_flip_changes_the_embedding_and_a_symmetric_image_is_unchanged():
   np.testing.assert_allclose(with_flip, without, atol=1e-6)
 
 
+class ConvToyModel(nn.Module):
+  @nn.compact
+  def __call__(self, images):
+    x = nn.Conv(32, (3, 3))(images)
+    return nn.Conv(32, (3, 3))(x).reshape(len(images), -1)
+
+
+def test_embedding_compiles_with_the_models_compile_options():
+  """On CPU the embedding's convolutions are XLA's own, not YNNPACK's (models.compiler_options)."""
+  images = _random_images(4, size=14)
+  model = ConvToyModel()
+  variables = model.init(jax.random.key(0), np.zeros((1,) + images.shape[1:], np.float32))
+  args = (model.apply, variables, images)
+  text = embed._raw_embeddings().lower(*args, flip=True).compile().as_text()
+  assert ' convolution(' in text and lib.library_fused_convolutions(text) == 0
+  # The same function jitted with XLA's defaults gives YNNPACK the second convolution.
+  plain = jax.jit(embed._embed_views, static_argnames=('apply_fn', 'flip'))
+  assert lib.library_fused_convolutions(plain.lower(*args, flip=True).compile().as_text()) > 0
+
+
 def test_one_compilation_for_all_batches_including_the_padded_one():
   images = _random_images(11, size=5)
   model = ToyModel(6)
   apply_fn, variables = model.apply, _toy(images.shape[1:], features=6)[1]
-  before = embed._raw_embeddings._cache_size()
+  before = embed._raw_embeddings()._cache_size()
   embed.extract_embeddings(apply_fn, variables, images, batch_size=4)  # 4 + 4 + 3 (padded)
   embed.extract_embeddings(apply_fn, variables, images[:5], batch_size=4)
-  assert embed._raw_embeddings._cache_size() == before + 1
+  assert embed._raw_embeddings()._cache_size() == before + 1
   # A fresh but equal partial (how a training loop typically passes model.apply) reuses it too.
   for _ in range(2):
     embed.extract_embeddings(functools.partial(model.apply, mutable=False), variables, images,
                              batch_size=4)
-  assert embed._raw_embeddings._cache_size() == before + 2
+  assert embed._raw_embeddings()._cache_size() == before + 2
 
 
 def test_extract_embeddings_rejects_bad_images():

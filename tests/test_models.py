@@ -14,6 +14,8 @@ import pytest
 from multiface_jax import models
 from multiface_jax.models import convolutions, iresnet, layers
 
+import train_testlib as lib
+
 IMAGE_SHAPE = (1, 112, 112, 3)
 
 
@@ -337,7 +339,7 @@ CONV_CASES = [  # (kernel, stride, padding, input size, in channels, out channel
     (3, 1, 1, 7, 3, 4),  # <= 4 input channels: 'gemm' convolves the patch matrix
     (3, 2, 1, 8, 3, 4),  # even input, stride 2: PyTorch's symmetric padding
     (3, 2, 1, 7, 2, 3),
-    (3, 1, 1, 6, 5, 4),  # more channels: XLA's convolution, kernel gradient per tap
+    (3, 1, 1, 6, 5, 4),  # more channels: XLA's convolution
     (3, 2, 1, 8, 6, 3),
     (1, 1, 0, 5, 4, 6),
     (1, 2, 0, 6, 4, 6),  # IR's strided 1x1 shortcut
@@ -378,31 +380,24 @@ def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size,
     np.testing.assert_allclose(grad_x, results['lax'][1][0], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize('stride,size,cin,cout', [(1, 6, 5, 4), (2, 8, 6, 3)])
-def test_conv_gemm_kernel_gradient_over_image_chunks(monkeypatch, stride, size, cin, cout):
-  """The 'gemm' kernel gradient loops over chunks of images sized in bytes; with a budget of two
-  padded images, a batch of 5 runs two chunks in the loop and one image after it."""
-  rng = np.random.default_rng(stride * 10 + size)
-  x = rng.normal(size=(5, size, size, cin)).astype(np.float32)
-  kernel = rng.normal(size=(3, 3, cin, cout)).astype(np.float32)
-  cotangent = rng.normal(size=conv_numpy(x, kernel, stride, 1).shape).astype(np.float32)
-  xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  monkeypatch.setattr(convolutions, 'CHUNK_BYTES', 2 * xp[0].nbytes)
-
-  conv = functools.partial(convolutions.conv2d_gemm, strides=(stride, stride),
-                           padding=((1, 1), (1, 1)))
-  _, vjp = jax.vjp(conv, jnp.asarray(x), jnp.asarray(kernel))
-  _, grad_w = vjp(jnp.asarray(cotangent))
-  out_h = cotangent.shape[1]
-  expected = np.zeros_like(kernel)
-  for u in range(3):
-    for v in range(3):
-      window = xp[:, u:u + stride * (out_h - 1) + 1:stride, v:v + stride * (out_h - 1) + 1:stride]
-      expected[u, v] = np.einsum('bhwc,bhwo->co', window, cotangent)
-  np.testing.assert_allclose(grad_w, expected, rtol=1e-4, atol=1e-4)
-  jaxpr = str(jax.make_jaxpr(vjp)(jnp.asarray(cotangent)))
-  # The chunk loop ran (fori_loop with static bounds traces to a scan, else a while).
-  assert ' scan[' in jaxpr or ' while[' in jaxpr
+def test_cpu_compile_options_leave_convolutions_to_xla_and_dots_to_ynnpack():
+  """XLA:CPU (jaxlib 0.10.2) hands a convolution to YNNPACK unless told not to; the models'
+  compile options keep it XLA's own (same values) and still give YNNPACK the dots."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 14, 14, 32)), jnp.float32)  # big enough for YNNPACK
+  kernel = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
+  conv = functools.partial(convolutions.conv2d_lax, strides=(1, 1), padding=((1, 1), (1, 1)))
+  xla_default = jax.jit(conv).lower(x, kernel).compile()
+  ours = jax.jit(conv, compiler_options=models.compiler_options()).lower(x, kernel).compile()
+  assert lib.library_fused_convolutions(xla_default.as_text()) == 1, (
+      'XLA:CPU no longer sends convolutions to YNNPACK by default: revisit compiler_options')
+  assert lib.library_fused_convolutions(ours.as_text()) == 0
+  assert ' convolution(' in ours.as_text()
+  np.testing.assert_allclose(ours(x, kernel), conv_numpy(np.asarray(x), np.asarray(kernel), 1, 1),
+                             rtol=1e-5, atol=1e-4)  # sums of 288 products of magnitude ~1
+  matmul = jax.jit(jnp.matmul, compiler_options=models.compiler_options())
+  assert '__ynn_fusion' in matmul.lower(x[0, 0], kernel[0, 0]).compile().as_text()
+  assert models.compiler_options('gpu') == {}
 
 
 def test_conv2d_reads_flax_conv_parameters():

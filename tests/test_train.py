@@ -3,6 +3,7 @@
 One reference run (4 steps, checkpoints at 2 and 4, evaluation at the end) is shared: resume,
 NaN, evaluation and the 8-device run are all checked against it.
 """
+import functools
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -48,6 +50,21 @@ def _restore(config, workdir):
 def _steps_on_disk(workdir):
   directory = checkpointing.checkpoint_dir(workdir)
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
+
+def test_train_step_compiles_with_the_models_compile_options(tfrecords):
+  """On CPU the step's convolutions are XLA's own, not YNNPACK's (models.compiler_options)."""
+  trainer = train.Trainer(lib.tiny_config(data_dir=tfrecords, **lib.REAL_DATA_OVERRIDES))
+  batch_size, (height, width) = trainer.config.batch_size, trainer.facts.image_size
+  batch = {'image': jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8),
+           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+  text = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
+  assert ' convolution(' in text and lib.library_fused_convolutions(text) == 0
+  # The same step jitted with XLA's defaults gives some of them to YNNPACK.
+  plain = jax.jit(functools.partial(train.train_step, model=trainer.model, head=trainer.head,
+                                    tx=trainer.tx, mesh=trainer.mesh), donate_argnums=0)
+  plain_text = plain.lower(trainer.abstract_state, batch).compile().as_text()
+  assert lib.library_fused_convolutions(plain_text) > 0
 
 
 def test_end_to_end_run_writes_checkpoints_metrics_and_evaluation(reference):

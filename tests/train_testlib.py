@@ -1,6 +1,7 @@
-"""Shared pieces of test_train.py and test_multihost.py: tiny data, tiny config, subprocesses."""
+"""Shared pieces of the tests: tiny data, tiny config, subprocesses, compiled-HLO checks."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -35,6 +36,18 @@ def tiny_config(**overrides):
   config = tiny.get_config()
   config.update_from_flattened_dict(overrides)
   return config
+
+
+def library_fused_convolutions(hlo_text: str) -> int:
+  """How many of XLA:CPU's library fusions (YNNPACK / XNNPACK) in an optimised HLO module's text
+  compute a convolution (see ``models.compiler_options``)."""
+  bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.S | re.M))
+  count = 0
+  for line in hlo_text.splitlines():
+    if re.search(r'"kind":"__[xy]nn_fusion"', line):
+      called = re.search(r'calls=%?([\w.\-]+)', line).group(1)
+      count += ' convolution(' in bodies.get(called, '')
+  return count
 
 
 def flat_variables(params, batch_stats) -> dict[str, np.ndarray]:

@@ -20,18 +20,25 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from multiface_jax.models import normalize_images
+from multiface_jax.models import compiler_options, normalize_images
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
-@functools.partial(jax.jit, static_argnames=('apply_fn', 'flip'))
-def _raw_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array,
-                    flip: bool) -> jax.Array:
+def _embed_views(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array,
+                 flip: bool) -> jax.Array:
   """(views, B, D) float32 raw embeddings of a uint8 NHWC batch and (if flip) its mirror image."""
   images = normalize_images(images_uint8)
   views = (images, images[:, :, ::-1, :]) if flip else (images,)
   return jnp.stack([apply_fn(variables, view).astype(jnp.float32) for view in views])
+
+
+@functools.cache
+def _raw_embeddings() -> Callable[..., jax.Array]:
+  """`_embed_views` jitted with the models' compile options for the default backend (built on
+  first use, not at import, so that importing does not start a backend)."""
+  return jax.jit(_embed_views, static_argnames=('apply_fn', 'flip'),
+                 compiler_options=compiler_options())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +136,7 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
     if valid < batch_size:
       padding = np.zeros((batch_size - valid,) + batch.shape[1:], np.uint8)
       batch = np.concatenate([batch, padding])
-    pending.append((_raw_embeddings(apply_fn, variables, put(batch), flip=flip), valid))
+    pending.append((_raw_embeddings()(apply_fn, variables, put(batch), flip=flip), valid))
   raw = np.concatenate([np.asarray(out)[:, :valid] for out, valid in pending], axis=1)
   raw = raw.astype(np.float64)  # (views, n, D)
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from multiface_jax.models.iresnet import UNITS_BY_DEPTH, IResNet
-from multiface_jax.models.convolutions import DEPTHWISE_IMPLS
+from multiface_jax.models.convolutions import DEPTHWISE_IMPLS, compiler_options
 from multiface_jax.models.layers import DepthwiseConv2D
 from multiface_jax.models.mobilefacenet import MobileFaceNet
 from multiface_jax.models.tiny import TinyFaceNet
@@ -79,5 +79,5 @@ def normalize_images(images_uint8: jax.Array) -> jax.Array:
   return (x / 255.0 - 0.5) / 0.5
 
 
-__all__ = ['MODEL_NAMES', 'create_model', 'normalize_images', 'MobileFaceNet', 'IResNet',
-           'DepthwiseConv2D', 'DEPTHWISE_IMPLS', 'UNITS_BY_DEPTH']
+__all__ = ['MODEL_NAMES', 'create_model', 'normalize_images', 'compiler_options', 'MobileFaceNet',
+           'IResNet', 'DepthwiseConv2D', 'DEPTHWISE_IMPLS', 'UNITS_BY_DEPTH']

@@ -3,10 +3,11 @@
 Each has XLA's own implementation ('lax') and one written for XLA:CPU ('shifted' depthwise, 'gemm'
 dense); ``'auto'`` picks the CPU ones on CPU and XLA's elsewhere. Why (XLA:CPU, measured in
 ``bench/``): its grouped convolution runs far below the speed of a dense one, and its
-weight-gradient convolutions (dense and grouped) are several times slower than their forward
-pass, so the CPU implementations compute every weight gradient as a matmul or as fused
-multiply-adds. All implementations give the same outputs and gradients (tests/test_models.py) and
-take the same kernels, so the choice never touches checkpoints.
+weight-gradient convolutions are several times slower than their forward pass, so the depthwise
+one is written as fused multiply-adds, and 1x1 and 3-channel dense ones as matmuls. Jit with
+:func:`compiler_options` so that XLA:CPU keeps the other dense convolutions to itself. All
+implementations give the same outputs and gradients (tests/test_models.py) and take the same
+kernels, so the choice never touches checkpoints.
 
 Padding is explicit, PyTorch-style: 'VALID', an int, or ((top, bottom), (left, right)).
 """
@@ -49,14 +50,45 @@ def resolve_conv_impl(impl: str) -> str:
   """Returns the concrete dense-convolution implementation for `impl` on the default backend.
 
   Args:
-    impl: one of ``CONV_IMPLS``. ``'auto'`` picks ``'gemm'`` on CPU, where XLA's own weight
-      gradient of a convolution is up to 10x slower than the forward pass, and ``'lax'``
-      elsewhere (cuDNN/XLA GPU convolutions are fast in every direction).
+    impl: one of ``CONV_IMPLS``. ``'auto'`` picks ``'gemm'`` on CPU, where matmuls beat XLA's
+      1x1 and 3-channel convolutions, and ``'lax'`` elsewhere (cuDNN/XLA GPU convolutions are
+      fast in every direction).
 
   Returns:
     ``'lax'`` or ``'gemm'``.
   """
   return _resolve(impl, 'conv_impl', CONV_IMPLS, on_cpu='gemm')
+
+
+# XLA:CPU's library fusions (jaxlib 0.10.2): by default it hands single dots, single convolutions
+# and reductions to YNNPACK (XNNPACK's successor). Its convolutions ran slower than XLA's own
+# (Eigen) on every convolution of IR-SE50 measured here (batch 16, forward / forward + both
+# gradients in ms: (112, 112, 64) 3x3 191 -> 153 / 3,476 -> 548; (28, 28, 128) 216 -> 97 for the
+# gradients; (7, 7, 512) 55 -> 35 / 176 -> 97), while its dots and reductions are the fast ones
+# (reductions off: MobileFaceNet training 27 -> 18 images/s). So this project compiles on CPU
+# with XLA's default list minus the convolutions. (A convolution whose only consumer is a reduction
+# can still reach YNNPACK inside the reduction's fusion; measured: none does in IR-SE50's train
+# step and embedding, nor in MobileFaceNet's embedding.)
+_CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type':
+        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+}
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """XLA compile options for jitting these models: ``jax.jit(fn, compiler_options=...)``.
+
+  On CPU, convolutions stay XLA's own instead of YNNPACK's (see ``_CPU_COMPILER_OPTIONS``):
+  IR-SE50 trains 1.7 -> 2.3 images/s with them (batch 16, 2 cores; bench/RESULTS.md). The
+  project's jitted functions (``train.Trainer``, ``evaluation.embed``) pass them; a function
+  jitted without them computes the same values, only slower on CPU. Empty on other backends.
+
+  Args:
+    backend: 'cpu', 'gpu', 'tpu', ...; default ``jax.default_backend()``.
+  """
+  if (backend or jax.default_backend()) == 'cpu':
+    return dict(_CPU_COMPILER_OPTIONS)
+  return {}
 
 
 def explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int], ...]:
@@ -261,6 +293,22 @@ def sum_over_image_chunks(fn, chunk, *arrays):
   return total
 
 
+# Bytes of one input per chunk of `sum_over_image_chunks` for the BatchNorm + PReLU backward
+# (layers.affine_prelu). Measured against the whole batch at once: 112 -> 56 ms on a
+# (64, 56, 56, 128) map, 48 -> 32 on (64, 28, 28, 256), 39 -> 18 on (64, 14, 14, 512). Chunks
+# of 4 MiB and more lost most of the gain.
+CHUNK_BYTES = 1 << 20
+
+
+def images_per_chunk(x: jax.Array) -> int:
+  """How many images (slices along axis 0) of `x` fit `CHUNK_BYTES`, at least 1, on the CPU
+  backend; elsewhere the whole batch (a GPU reduces a whole map in one pass, and a loop of small
+  kernels would only add launches)."""
+  if jax.default_backend() != 'cpu':
+    return x.shape[0]
+  return max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.dtype.itemsize))
+
+
 _shifted_taps.defvjp(_shifted_taps_fwd, _shifted_taps_bwd)
 
 
@@ -281,81 +329,16 @@ def conv2d_lax(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv2d_gemm_weight_grad(x, kernel, strides, padding):
-  return conv2d_lax(x, kernel, strides, padding)
-
-
-def _conv2d_gemm_fwd(x, kernel, strides, padding):
-  return conv2d_lax(x, kernel, strides, padding), (x, kernel)
-
-
-def _conv2d_gemm_bwd(strides, padding, residuals, grad_out):
-  x, kernel = residuals
-  out_hw = grad_out.shape[1:3]
-  _, input_vjp = jax.vjp(lambda x: conv2d_lax(x, kernel, strides, padding), x)
-  (grad_x,) = input_vjp(grad_out)
-  grad_kernel = _conv_kernel_grad(_pad_spatial(x, padding), grad_out, kernel.shape[:2], strides)
-  return grad_x, grad_kernel.astype(kernel.dtype)
-
-
-# Bytes of one input per chunk of `sum_over_image_chunks` for the dense kernel gradient and the
-# BatchNorm + PReLU backward (layers.affine_prelu): one 58x58x64 float32 image of IR-SE50's first
-# stage, two 30x30x128 ones of its second. Measured against the whole batch at once: kernel
-# gradient 1.6-2.4x faster on those maps (batch 16); BatchNorm + PReLU backward 112 -> 56 ms on a
-# (64, 56, 56, 128) map, 48 -> 32 on (64, 28, 28, 256), 39 -> 18 on (64, 14, 14, 512). Chunks
-# of 4 MiB and more lost most of the gain.
-CHUNK_BYTES = 1 << 20
-
-
-def images_per_chunk(x: jax.Array) -> int:
-  """How many images (slices along axis 0) of `x` fit `CHUNK_BYTES`, at least 1, on the CPU
-  backend; elsewhere the whole batch (a GPU reduces a whole map in one pass, and a loop of small
-  kernels would only add launches)."""
-  if jax.default_backend() != 'cpu':
-    return x.shape[0]
-  return max(1, CHUNK_BYTES // (math.prod(x.shape[1:]) * x.dtype.itemsize))
-
-
-def _conv_kernel_grad(x_padded, grad_out, kernel_hw, strides):
-  """The (kh, kw, Cin, Cout) float32 kernel gradient of a dense convolution.
-
-  One (Cin, rows) x (rows, Cout) matmul per kernel tap instead of XLA's weight-gradient
-  convolution, which the CPU backend runs 2-10x slower than this (measured in bench/). Each tap's
-  strided view is copied into a matrix first; over a loop of image chunks small enough that the
-  copy stays in cache (`CHUNK_BYTES`), unless a chunk would have fewer rows than the gradient has
-  output channels: then the per-chunk sum of the (Cin, Cout) products outweighs the copy
-  (IR-SE50's 7x7 stage measured 37 -> 44-115 ms chunked). 2-D operands: a 4-D contraction over
-  (b, h, w) costs XLA:CPU an extra transposed copy.
-  """
-  cin, cout = x_padded.shape[-1], grad_out.shape[-1]
-  out_hw = grad_out.shape[1:3]
-  chunk = images_per_chunk(x_padded)
-  if chunk * out_hw[0] * out_hw[1] < cout:
-    chunk = grad_out.shape[0]
-
-  def chunk_grad(x_chunk, grad_chunk):
-    grad_chunk = grad_chunk.reshape(-1, cout).astype(x_chunk.dtype)
-    return jnp.stack([
-        jax.lax.dot_general(view.reshape(-1, cin), grad_chunk, (((0,), (0,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-        for view in _windows(x_chunk, kernel_hw, strides, out_hw)])
-
-  total = sum_over_image_chunks(chunk_grad, chunk, x_padded, grad_out)
-  return total.reshape(*kernel_hw, cin, cout)
-
-
-_conv2d_gemm_weight_grad.defvjp(_conv2d_gemm_fwd, _conv2d_gemm_bwd)
-
-
 def conv2d_gemm(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                 padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Dense convolution whose every pass is a matmul or one of XLA's fast convolutions (CPU).
+  """Dense convolution as a matmul where that is faster on CPU, else XLA's.
 
   A 1x1 kernel is a matmul over channels (of the strided input), forward and backward. So is a
   convolution of an input with at most `_IM2COL_MAX_CHANNELS` channels (the images of the first
-  layer), over the patch matrix. Other kernels run XLA's convolution forward and for the input
-  gradient, and compute the kernel gradient as one matmul per kernel tap.
+  layer), over the patch matrix. Other kernels are :func:`conv2d_lax`: with
+  :func:`compiler_options`, XLA:CPU's own convolutions ran 1.0-1.45x faster in forward +
+  backward than a kernel gradient as one matmul per tap (IR-SE50's 3x3 layers, batch 16), the
+  form this function had before; without those options the kernel gradient ran up to 6x slower.
 
   Args:
     x: (B, H, W, Cin) input.
@@ -381,7 +364,7 @@ def conv2d_gemm(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
     patches = jnp.concatenate(_windows(x_padded, (kh, kw), strides, out_hw), axis=-1)
     out = patches.reshape(-1, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
     return out.reshape(x.shape[0], *out_hw, cout)
-  return _conv2d_gemm_weight_grad(x, kernel, tuple(strides), tuple(padding))
+  return conv2d_lax(x, kernel, strides, padding)
 
 
 # Inputs with this few channels are convolved as one matmul over their patches: XLA:CPU's
