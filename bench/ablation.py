@@ -7,7 +7,16 @@ interleaved in one run.
 
 Each variant is a ':'-separated entry of ','-separated backbone options; 'lax' everywhere is plain
 XLA (``feature_group_count`` depthwise, XLA's own convolution gradients), the first Flax
-MobileFaceNet the issue measured. Prints images/s (median over `--reps`) and compile seconds.
+MobileFaceNet the issue measured. Options named ``xla_*`` are XLA compile options instead, over
+the project's own (``models.compiler_options``), with '+' for the ',' inside their values; e.g.
+XLA:CPU's default library fusions against the project's:
+
+  PYTHONPATH=. .venv/bin/python bench/ablation.py --net=ir_se50 --batch=16 --variants=\
+xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT+\
+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION+LIBRARY_FUSION_TYPE_REDUCE:conv_impl=gemm
+
+`--mode=embed` times the eval-mode embedding instead. Prints images/s (median over `--reps`) and
+compile seconds.
 """
 import os
 import statistics
@@ -25,6 +34,7 @@ flags.DEFINE_integer('num_spheres', 2, 'N of the multi-sphere ArcFace head.')
 flags.DEFINE_string('variants', 'conv_impl=lax,depthwise_impl=lax:'
                     'conv_impl=lax,depthwise_impl=shifted:conv_impl=gemm,depthwise_impl=shifted',
                     'Option sets to compare.')
+flags.DEFINE_enum('mode', 'train', ['train', 'embed'], 'Time train steps or the embedding.')
 flags.DEFINE_integer('reps', 3, 'Timed repetitions per variant.')
 flags.DEFINE_integer('steps', 1, 'Steps per repetition.')
 
@@ -34,13 +44,19 @@ def main(argv):
   variants = [dict(item.split('=') for item in entry.split(','))
               for entry in FLAGS.variants.split(':')]
   huge_pages = bench_steps.huge_pages_from_flag()
-  print(f'{FLAGS.net} train step, batch {FLAGS.batch}, {time.strftime("%Y-%m-%d %H:%M:%S")}, '
+  print(f'{FLAGS.net} {FLAGS.mode}, batch {FLAGS.batch}, {time.strftime("%Y-%m-%d %H:%M:%S")}, '
         f'load {os.getloadavg()[0]:.1f}, huge pages {huge_pages}', flush=True)
   timed, compile_s = [], []
   for options in variants:
-    step = bench_steps.jax_train_step(FLAGS.net, batch_size=FLAGS.batch,
-                                      num_classes=FLAGS.num_classes,
-                                      num_spheres=FLAGS.num_spheres, model_options=options)
+    model_options = {k: v for k, v in options.items() if not k.startswith('xla_')}
+    xla_options = {k: v.replace('+', ',') for k, v in options.items() if k.startswith('xla_')}
+    if FLAGS.mode == 'train':
+      step = bench_steps.jax_train_step(
+          FLAGS.net, batch_size=FLAGS.batch, num_classes=FLAGS.num_classes,
+          num_spheres=FLAGS.num_spheres, model_options=model_options, xla_options=xla_options)
+    else:
+      step = bench_steps.jax_embed(FLAGS.net, batch_size=FLAGS.batch,
+                                   model_options=model_options, xla_options=xla_options)
     compile_s.append(step.compile())
     step.run(1)
     timed.append(step)

@@ -78,13 +78,13 @@ def jax_pieces(setup):
     updates, opt_state = setup.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
+  jit = functools.partial(jax.jit, compiler_options=bench_steps.compiler_options())
   return {
-      'forward': (jax.jit(forward), (state.params['backbone'], state.batch_stats)),
-      'forward+back': (jax.jit(forward_backward),
+      'forward': (jit(forward), (state.params['backbone'], state.batch_stats)),
+      'forward+back': (jit(forward_backward),
                        (state.params['backbone'], state.batch_stats, cotangent)),
-      'head': (jax.jit(jax.value_and_grad(head_loss, (0, 1))),
-               (state.params['head'], embeddings)),
-      'optimizer': (jax.jit(optimizer), (state.opt_state, state.params, grads)),
+      'head': (jit(jax.value_and_grad(head_loss, (0, 1))), (state.params['head'], embeddings)),
+      'optimizer': (jit(optimizer), (state.opt_state, state.params, grads)),
   }
 
 

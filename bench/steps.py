@@ -117,6 +117,12 @@ def _compiled_flops(compiled) -> Optional[float]:
   return float(flops) if flops else None
 
 
+def compiler_options(xla_options: Optional[dict] = None) -> dict:
+  """The project's compile options for the default backend (``models.compiler_options``), with
+  `xla_options` (XLA option name -> value) over them."""
+  return {**models.compiler_options(), **(xla_options or {})}
+
+
 def _aot(jitted, *args) -> tuple[Any, float]:
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
@@ -158,17 +164,19 @@ def _optimizer_config():
   return opt
 
 
-def jax_train_step(net: str, **kwargs) -> Timed:
+def jax_train_step(net: str, *, xla_options: Optional[dict] = None, **kwargs) -> Timed:
   """This project's train step (``train.train_step``, jitted, state donated) on one device.
 
   Args:
     net: backbone name.
+    xla_options: XLA compile options over the project's own (:func:`compiler_options`).
     **kwargs: :class:`JaxTrainSetup` arguments (batch_size, num_classes, num_spheres, dtype,
       head_precision, model_options).
   """
   setup = JaxTrainSetup(net, **kwargs)
   step = jax.jit(functools.partial(train.train_step, model=setup.model, head=setup.head,
-                                   tx=setup.tx, mesh=setup.mesh), donate_argnums=0)
+                                   tx=setup.tx, mesh=setup.mesh), donate_argnums=0,
+                 compiler_options=compiler_options(xla_options))
   holder = {}
   timed = Timed(run=None)
 
@@ -190,13 +198,14 @@ def jax_train_step(net: str, **kwargs) -> Timed:
 
 
 def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32',
-              model_options: Optional[dict] = None) -> Timed:
+              model_options: Optional[dict] = None,
+              xla_options: Optional[dict] = None) -> Timed:
   """Jitted eval-mode embedding: uint8 (B, 112, 112, 3) in, unit (B, 512) float32 out."""
   model = create_model(net, dtype, model_options)
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options(xla_options))
   def embed(variables, images_uint8):
     return model.apply(variables, models.normalize_images(images_uint8), train=False)
 
