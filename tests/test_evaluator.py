@@ -90,6 +90,25 @@ def test_flip_changes_the_embedding_and_a_symmetric_image_is_unchanged():
   np.testing.assert_allclose(with_flip, without, atol=1e-6)
 
 
+@pytest.mark.parametrize('batch,data_devices,chunks', [
+    (24, 1, 3), (44, 1, 4),  # 44 // 8 = 5 does not divide 44: 4 chunks of 11
+    (13, 1, 1), (6, 1, 1), (32, 2, 2), (24, 2, 1)])
+def test_apply_in_chunks_equals_the_whole_batch_and_loops_over_chunks(batch, data_devices,
+                                                                       chunks):
+  images = _random_images(batch, size=5).astype(np.float32)
+  apply_fn, variables = _toy(images.shape[1:])
+  expected = np.asarray(images.reshape(batch, -1), np.float64) @ np.asarray(
+      variables['params']['Dense_0']['kernel'], np.float64) + np.asarray(
+          variables['params']['Dense_0']['bias'], np.float64)
+  chunked = functools.partial(embed.apply_in_chunks, apply_fn, data_devices=data_devices)
+  np.testing.assert_allclose(chunked(variables, images), expected, rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(chunked)(variables, images))
+  if chunks > 1:  # lax.map traces to a scan of `chunks` steps
+    assert f'length={chunks}' in jaxpr and ' scan[' in jaxpr
+  else:
+    assert ' scan[' not in jaxpr
+
+
 class ConvToyModel(nn.Module):
   @nn.compact
   def __call__(self, images):
@@ -106,7 +125,7 @@ def test_embedding_compiles_with_the_models_compile_options():
   text = embed._raw_embeddings().lower(*args, flip=True).compile().as_text()
   assert ' convolution(' in text and lib.library_fused_convolutions(text) == 0
   # The same function jitted with XLA's defaults gives YNNPACK the second convolution.
-  plain = jax.jit(embed._embed_views, static_argnames=('apply_fn', 'flip'))
+  plain = jax.jit(embed._embed_views, static_argnames=('apply_fn', 'flip', 'data_devices'))
   assert lib.library_fused_convolutions(plain.lower(*args, flip=True).compile().as_text()) > 0
 
 
@@ -144,6 +163,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8, 1), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    embed.CPU_IMAGES_PER_CHUNK = 1  # batch 16: two chunks of one image per device
     images = _random_images(13)
     apply_fn, variables = _toy(images.shape[1:])
     out = {{}}
