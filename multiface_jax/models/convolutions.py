@@ -2,12 +2,11 @@
 
 Each has XLA's own implementation ('lax') and one written for XLA:CPU ('shifted' depthwise, 'gemm'
 dense); ``'auto'`` picks the CPU ones on CPU and XLA's elsewhere. Why (XLA:CPU, measured in
-``bench/``): its grouped convolution runs far below the speed of a dense one, and its
-weight-gradient convolutions are several times slower than their forward pass, so the depthwise
-one is written as fused multiply-adds, and 1x1 and 3-channel dense ones as matmuls. Jit with
-:func:`compiler_options` so that XLA:CPU keeps the other dense convolutions to itself. All
-implementations give the same outputs and gradients (tests/test_models.py) and take the same
-kernels, so the choice never touches checkpoints.
+``bench/``): its grouped convolution runs far below the speed of a dense one, forward and
+backward, so the depthwise one is written as fused multiply-adds; 1x1 and 3-channel dense ones
+run as matmuls. Jit with :func:`compiler_options` so that XLA:CPU keeps the other dense
+convolutions to itself. All implementations give the same outputs and gradients
+(tests/test_models.py) and take the same kernels, so the choice never touches checkpoints.
 
 Padding is explicit, PyTorch-style: 'VALID', an int, or ((top, bottom), (left, right)).
 """
@@ -65,7 +64,7 @@ def resolve_conv_impl(impl: str) -> str:
 # (Eigen) on every convolution of IR-SE50 measured here (batch 16, forward / forward + both
 # gradients in ms: (112, 112, 64) 3x3 191 -> 153 / 3,476 -> 548; (28, 28, 128) 216 -> 97 for the
 # gradients; (7, 7, 512) 55 -> 35 / 176 -> 97), while its dots and reductions are the fast ones
-# (reductions off: MobileFaceNet training 27 -> 18 images/s). So this project compiles on CPU
+# (reductions off: MobileFaceNet training 29 -> 18 images/s). So this project compiles on CPU
 # with XLA's default list minus the convolutions. (A convolution whose only consumer is a reduction
 # can still reach YNNPACK inside the reduction's fusion; measured: none does in IR-SE50's train
 # step and embedding, nor in MobileFaceNet's embedding.)
@@ -79,7 +78,7 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   """XLA compile options for jitting these models: ``jax.jit(fn, compiler_options=...)``.
 
   On CPU, convolutions stay XLA's own instead of YNNPACK's (see ``_CPU_COMPILER_OPTIONS``):
-  IR-SE50 trains 1.7 -> 2.3 images/s with them (batch 16, 2 cores; bench/RESULTS.md). The
+  IR-SE50 trains 1.7 -> 2.2 images/s with them (batch 16, 2 cores; bench/RESULTS.md). The
   project's jitted functions (``train.Trainer``, ``evaluation.embed``) pass them; a function
   jitted without them computes the same values, only slower on CPU. Empty on other backends.
 
@@ -340,14 +339,7 @@ def conv2d_gemm(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   backward than a kernel gradient as one matmul per tap (IR-SE50's 3x3 layers, batch 16), the
   form this function had before; without those options the kernel gradient ran up to 6x slower.
 
-  Args:
-    x: (B, H, W, Cin) input.
-    kernel: (kh, kw, Cin, Cout), same dtype as `x`.
-    strides: (sh, sw).
-    padding: ((top, bottom), (left, right)).
-
-  Returns:
-    (B, Ho, Wo, Cout), equal to :func:`conv2d_lax` up to float rounding, with equal gradients.
+  Arguments and result as :func:`conv2d_lax`'s, equal up to float rounding, with equal gradients.
   """
   if kernel.shape[:2] == (1, 1):
     sh, sw = strides
