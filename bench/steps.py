@@ -206,14 +206,15 @@ def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32',
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
 
+  apply_fn = functools.partial(model.apply, train=False)
+
   def whole_batch(variables, images_uint8):
-    return model.apply(variables, models.normalize_images(images_uint8), train=False)
+    return apply_fn(variables, models.normalize_images(images_uint8))
 
   @functools.partial(jax.jit, compiler_options=compiler_options(xla_options))
   def embed(variables, images_uint8):
     # As the evaluation embeds (evaluation/embed.py), without the flipped view.
-    return embed_lib.apply_in_chunks(functools.partial(model.apply, train=False), variables,
-                                     models.normalize_images(images_uint8))
+    return embed_lib.apply_in_chunks(apply_fn, variables, models.normalize_images(images_uint8))
 
   images = random_batch(batch_size, 1)['image']
   holder = {}
