@@ -380,9 +380,9 @@ def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size,
     np.testing.assert_allclose(grad_x, results['lax'][1][0], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_cpu_compile_options_leave_convolutions_to_xla_and_dots_to_ynnpack():
-  """XLA:CPU (jaxlib 0.10.2) hands a convolution to YNNPACK unless told not to; the models'
-  compile options keep it XLA's own (same values) and still give YNNPACK the dots."""
+def test_cpu_compile_options_leave_convolutions_and_dots_to_xla():
+  """XLA:CPU (jaxlib 0.10.2) hands convolutions and dots to YNNPACK unless told not to; the
+  models' compile options keep them XLA's own (same values) and give YNNPACK the reductions."""
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 14, 14, 32)), jnp.float32)  # big enough for YNNPACK
   kernel = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
@@ -395,8 +395,16 @@ def test_cpu_compile_options_leave_convolutions_to_xla_and_dots_to_ynnpack():
   assert ' convolution(' in ours.as_text()
   np.testing.assert_allclose(ours(x, kernel), conv_numpy(np.asarray(x), np.asarray(kernel), 1, 1),
                              rtol=1e-5, atol=1e-4)  # sums of 288 products of magnitude ~1
-  matmul = jax.jit(jnp.matmul, compiler_options=models.compiler_options())
-  assert '__ynn_fusion' in matmul.lower(x[0, 0], kernel[0, 0]).compile().as_text()
+
+  def library_fused(fn, *args, **jit_options):
+    return '__ynn_fusion' in jax.jit(fn, **jit_options).lower(*args).compile().as_text()
+
+  rows, weights = x.reshape(-1, 32), kernel[0, 0]
+  assert library_fused(jnp.matmul, rows, weights), (
+      'XLA:CPU no longer sends dots to YNNPACK by default: revisit compiler_options')
+  assert not library_fused(jnp.matmul, rows, weights, compiler_options=models.compiler_options())
+  channel_sums = functools.partial(jnp.sum, axis=(0, 1, 2))
+  assert library_fused(channel_sums, x, compiler_options=models.compiler_options())
   assert models.compiler_options('gpu') == {}
 
 

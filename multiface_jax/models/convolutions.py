@@ -4,8 +4,8 @@ Each has XLA's own implementation ('lax') and one written for XLA:CPU ('shifted'
 dense); ``'auto'`` picks the CPU ones on CPU and XLA's elsewhere. Why (XLA:CPU, measured in
 ``bench/``): its grouped convolution runs far below the speed of a dense one, forward and
 backward, so the depthwise one is written as fused multiply-adds; 1x1 and 3-channel dense ones
-run as matmuls. Jit with :func:`compiler_options` so that XLA:CPU keeps the other dense
-convolutions to itself. All implementations give the same outputs and gradients
+run as matmuls. Jit with :func:`compiler_options` so that XLA:CPU keeps the convolutions and
+matmuls to itself. All implementations give the same outputs and gradients
 (tests/test_models.py) and take the same kernels, so the choice never touches checkpoints.
 
 Padding is explicit, PyTorch-style: 'VALID', an int, or ((top, bottom), (left, right)).
@@ -63,22 +63,25 @@ def resolve_conv_impl(impl: str) -> str:
 # and reductions to YNNPACK (XNNPACK's successor). Its convolutions ran slower than XLA's own
 # (Eigen) on every convolution of IR-SE50 measured here (batch 16, forward / forward + both
 # gradients in ms: (112, 112, 64) 3x3 191 -> 153 / 3,476 -> 548; (28, 28, 128) 216 -> 97 for the
-# gradients; (7, 7, 512) 55 -> 35 / 176 -> 97), while its dots and reductions are the fast ones
-# (reductions off: MobileFaceNet training 29 -> 18 images/s). So this project compiles on CPU
-# with XLA's default list minus the convolutions. (A convolution whose only consumer is a reduction
-# can still reach YNNPACK inside the reduction's fusion; measured: none does in IR-SE50's train
-# step and embedding, nor in MobileFaceNet's embedding.)
+# gradients; (7, 7, 512) 55 -> 35 / 176 -> 97), and its dots 0-15% slower than Eigen's on
+# MobileFaceNet's 1x1 convolutions (e.g. (25088, 64) x (64, 128): 4.1 vs 3.5 ms; whole networks,
+# images/s, YNNPACK's dots vs Eigen's: MobileFaceNet training 25.4 vs 28.2, embedding 195 vs 212;
+# IR-SE50 2.20 vs 2.28, 8.5 vs 8.7), while its reductions are the fast ones (off: MobileFaceNet
+# training 29 -> 18 images/s). So this project compiles on CPU with YNNPACK's reductions only.
+# (A convolution whose only consumer is a reduction can still reach YNNPACK inside the
+# reduction's fusion; measured: none does in IR-SE50's train step and embedding, nor in
+# MobileFaceNet's embedding.)
 _CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type':
-        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE',
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_REDUCE',
 }
 
 
 def compiler_options(backend: str | None = None) -> dict[str, str]:
   """XLA compile options for jitting these models: ``jax.jit(fn, compiler_options=...)``.
 
-  On CPU, convolutions stay XLA's own instead of YNNPACK's (see ``_CPU_COMPILER_OPTIONS``):
-  IR-SE50 trains 1.7 -> 2.2 images/s with them (batch 16, 2 cores; bench/RESULTS.md). The
+  On CPU, convolutions and dots stay XLA's own instead of YNNPACK's (see
+  ``_CPU_COMPILER_OPTIONS``): IR-SE50 trains 1.7 -> 2.3 images/s with them (batch 16, 2 cores;
+  bench/RESULTS.md). The
   project's jitted functions (``train.Trainer``, ``evaluation.embed``) pass them; a function
   jitted without them computes the same values, only slower on CPU. Empty on other backends.
 
