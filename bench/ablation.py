@@ -8,7 +8,8 @@ interleaved in one run.
 Each variant is a ':'-separated entry of ','-separated backbone options; 'lax' everywhere is plain
 XLA (``feature_group_count`` depthwise, XLA's own convolution gradients), the first Flax
 MobileFaceNet the issue measured. Options named ``xla_*`` are XLA compile options instead, over
-the project's own (``models.compiler_options``), with '+' for the ',' inside their values; e.g.
+the project's own (``models.compiler_options``), with '+' for the ',' inside their values and
+true/false for booleans (``xla_cpu_use_onednn=true``); e.g.
 XLA:CPU's default library fusions against the project's:
 
   PYTHONPATH=. .venv/bin/python bench/ablation.py --net=ir_se50 --batch=16 --variants=\
@@ -39,6 +40,12 @@ flags.DEFINE_integer('reps', 3, 'Timed repetitions per variant.')
 flags.DEFINE_integer('steps', 1, 'Steps per repetition.')
 
 
+def _option_value(text: str):
+  """A compile option's value: 'true' / 'false' as bools (XLA rejects those strings for its
+  boolean options), else the text with '+' for ','."""
+  return {'true': True, 'false': False}.get(text.lower(), text.replace('+', ','))
+
+
 def main(argv):
   del argv
   variants = [dict(item.split('=') for item in entry.split(','))
@@ -49,7 +56,7 @@ def main(argv):
   timed, compile_s = [], []
   for options in variants:
     model_options = {k: v for k, v in options.items() if not k.startswith('xla_')}
-    xla_options = {k: v.replace('+', ',') for k, v in options.items() if k.startswith('xla_')}
+    xla_options = {k: _option_value(v) for k, v in options.items() if k.startswith('xla_')}
     if FLAGS.mode == 'train':
       step = bench_steps.jax_train_step(
           FLAGS.net, batch_size=FLAGS.batch, num_classes=FLAGS.num_classes,
