@@ -81,9 +81,9 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
 
   On CPU, convolutions and dots stay XLA's own instead of YNNPACK's (see
   ``_CPU_COMPILER_OPTIONS``): IR-SE50 trains 1.7 -> 2.3 images/s with them (batch 16, 2 cores;
-  bench/RESULTS.md). The
-  project's jitted functions (``train.Trainer``, ``evaluation.embed``) pass them; a function
-  jitted without them computes the same values, only slower on CPU. Empty on other backends.
+  bench/RESULTS.md). The project's jitted functions (``train.Trainer``, ``evaluation.embed``)
+  pass them; a function jitted without them computes the same values, only slower on CPU.
+  Empty on other backends.
 
   Args:
     backend: 'cpu', 'gpu', 'tpu', ...; default ``jax.default_backend()``.
