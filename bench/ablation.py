@@ -50,9 +50,9 @@ def main(argv):
   del argv
   variants = [dict(item.split('=') for item in entry.split(','))
               for entry in FLAGS.variants.split(':')]
-  huge_pages = bench_steps.huge_pages_from_flag()
+  host_memory = bench_steps.host_memory_from_flags()
   print(f'{FLAGS.net} {FLAGS.mode}, batch {FLAGS.batch}, {time.strftime("%Y-%m-%d %H:%M:%S")}, '
-        f'load {os.getloadavg()[0]:.1f}, huge pages {huge_pages}', flush=True)
+        f'load {os.getloadavg()[0]:.1f}, {host_memory}', flush=True)
   timed, compile_s = [], []
   for options in variants:
     model_options = {k: v for k, v in options.items() if not k.startswith('xla_')}

@@ -135,12 +135,12 @@ def profile_torch():
 
 def main(argv):
   del argv
-  huge_pages = bench_steps.huge_pages_from_flag()
+  host_memory = bench_steps.host_memory_from_flags()
   print(f'{FLAGS.net} batch {FLAGS.batch}, {FLAGS.num_spheres}-sphere ArcFace over '
         f'{FLAGS.num_classes} classes, {FLAGS.dtype}, head precision {FLAGS.head_precision}, '
         f'options {FLAGS.model_options}; {jax.default_backend()}; '
         f'{time.strftime("%Y-%m-%d %H:%M:%S")}; load {os.getloadavg()[0]:.1f}; '
-        f'huge pages {huge_pages}', flush=True)
+        f'{host_memory}', flush=True)
   jax_rows = profile_jax()
   print(f'{"JAX piece":20s} {"median ms":>10s} {"compile s":>10s}')
   for name, (ms, compile_s) in jax_rows.items():

@@ -14,9 +14,10 @@ average during the measurements.
 Threads: PyTorch uses ``--torch_threads`` intra-op threads (default: every core). XLA:CPU runs
 its own thread pool over every core; the two never run at the same time.
 
-Memory: like main.py, the script re-runs itself with transparent huge pages for malloc
-(``--nohuge_pages`` to measure without; multiface_jax/hugepages.py), so both sides allocate
-the same way, and PyTorch keeps freed memory for reuse (``steps.keep_freed_memory``).
+Memory: like main.py, the script re-runs itself with transparent huge pages for malloc and runs
+JAX's CPU steps on the main thread with freed memory kept (``--nohuge_pages``,
+``--noreuse_step_memory`` to measure without; multiface_jax/host_memory.py); PyTorch keeps freed
+memory too (``steps.torch_reference``), so both sides allocate the same way.
 """
 import functools
 import os
@@ -171,10 +172,10 @@ def model_tflops(r) -> float:
 
 def main(argv):
   del argv
-  huge_pages = bench_steps.huge_pages_from_flag()
+  host_memory = bench_steps.host_memory_from_flags()
   import jax  # pylint: disable=import-outside-toplevel
   print(f'JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.default_backend()}); '
-        f'{os.cpu_count()} CPUs; huge pages {huge_pages}; reps={FLAGS.reps} x steps={FLAGS.steps}; '
+        f'{os.cpu_count()} CPUs; {host_memory}; reps={FLAGS.reps} x steps={FLAGS.steps}; '
         f'model_options={model_options()}; head_precision={FLAGS.head_precision}; '
         f'{time.strftime("%Y-%m-%d %H:%M:%S")}', flush=True)
   if FLAGS.torch:

@@ -27,20 +27,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from multiface_jax import heads, hugepages, models, optim, parallel
+from multiface_jax import heads, host_memory, models, optim, parallel
 from multiface_jax.evaluation import embed as embed_lib
 
 flags.DEFINE_bool('huge_pages', True, 'Re-run the script with transparent huge pages for malloc '
-                  '(multiface_jax/hugepages.py), as main.py does; JAX and PyTorch both get them.')
+                  '(multiface_jax/host_memory.py), as main.py does; JAX and PyTorch both get them.')
+flags.DEFINE_bool('reuse_step_memory', True, 'Run JAX CPU steps on the main thread and keep freed '
+                  'memory (multiface_jax/host_memory.py), as main.py does. PyTorch keeps freed '
+                  'memory either way (torch_reference).')
 
 
-def huge_pages_from_flag() -> str:
-  """Re-executes the script with huge pages when --huge_pages (and they are not on yet); returns
-  'on' or 'off' for the header of the results."""
+def host_memory_from_flags() -> str:
+  """Applies --huge_pages (re-executing the script once) and --reuse_step_memory, as main.py
+  does; call it before JAX's first computation. Returns what is on, for the results' header."""
   if flags.FLAGS.huge_pages:
-    hugepages.reexec_with_huge_pages()
-  return 'on' if hugepages.active() else 'off'
-
+    host_memory.reexec_with_huge_pages()
+  if flags.FLAGS.reuse_step_memory:
+    host_memory.reuse_step_memory()
+  return (f'huge pages {"on" if host_memory.active() else "off"}, step memory '
+          f'{"reused" if flags.FLAGS.reuse_step_memory else "not reused"}')
 
 
 def _import_train():
@@ -239,37 +244,19 @@ def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32',
 # ------------------------------------------------------------------------------------ PyTorch
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def keep_freed_memory() -> bool:
-  """Makes glibc keep freed memory in the process instead of unmapping it (``mallopt``).
-
-  PyTorch allocates its CPU activations with malloc; glibc serves large blocks by ``mmap`` and
-  unmaps them on free, so every step page-faults its activations in again. Measured on
-  MobileFaceNet embedding, batch 64, here: 29-35 images/s in a fresh process, 80-89 with this
-  (the same as ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set to 4 GB), and earlier
-  PyTorch numbers depended on whether a training benchmark had run first in the process. Real
-  PyTorch deployments avoid the cost the same way (or with jemalloc / tcmalloc), so the
-  benchmarks give it to PyTorch. Process-wide: the JAX side runs with it too.
-
-  Returns:
-    whether the settings were applied (False off glibc).
-  """
-  import ctypes  # pylint: disable=import-outside-toplevel
-  try:
-    libc = ctypes.CDLL('libc.so.6')
-  except OSError:
-    return False
-  limit = 1 << 30  # bytes; MobileFaceNet activations at batch 64 are up to 103 MB
-  return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit)) and bool(
-      libc.mallopt(_M_TRIM_THRESHOLD, limit))
-
-
 def torch_reference():
-  """Imports ``tests/torch_reference.py`` (needs torch, from requirements-torch.txt); every PyTorch
-  builder goes through here, so it also applies :func:`keep_freed_memory` first."""
-  keep_freed_memory()
+  """Imports ``tests/torch_reference.py`` (needs torch, from requirements-torch.txt).
+
+  Every PyTorch builder goes through here, so it also makes glibc keep freed memory
+  (``host_memory.keep_freed_memory``; process-wide). PyTorch allocates its CPU activations with
+  malloc, which maps large blocks afresh and unmaps them on free: measured on MobileFaceNet
+  embedding, batch 64, here, 29-35 images/s in a fresh process and 80-89 with freed memory kept
+  (mmap and trim thresholds of 1 GB then, as ``MALLOC_MMAP_THRESHOLD_`` /
+  ``MALLOC_TRIM_THRESHOLD_`` do), and earlier PyTorch numbers depended on whether a training
+  benchmark had run first. Real deployments avoid the cost the same way (or with jemalloc /
+  tcmalloc), so the benchmarks give it to PyTorch.
+  """
+  host_memory.keep_freed_memory()
   tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
   if tests_dir not in sys.path:
     sys.path.insert(0, tests_dir)
