@@ -1,23 +1,20 @@
-"""What each convolution implementation buys: the JAX train step with every combination, timed
-interleaved in one run.
+"""What each kernel set and XLA option buys: the JAX train step (or embedding) of every variant,
+compiled in one tuned process (``cpu_tuning.configure()``) and timed interleaved.
 
-  PYTHONPATH=. .venv/bin/python bench/ablation.py                       # MobileFaceNet, batch 64
-  PYTHONPATH=. .venv/bin/python bench/ablation.py --net=ir_se50 --batch=16 \\
-      --variants=conv_impl=lax:conv_impl=gemm
+  .venv/bin/python bench/ablation.py                               # MobileFaceNet, batch 64
+  .venv/bin/python bench/ablation.py --net=ir_se50 --batch=16 --mode=embed
 
-Each variant is a ':'-separated entry of ','-separated backbone options; 'lax' everywhere is plain
-XLA (``feature_group_count`` depthwise, XLA's own convolution gradients), the first Flax
-MobileFaceNet the issue measured. Options named ``xla_*`` are XLA compile options instead, over
-the project's own (``models.compiler_options``), with '+' for the ',' inside their values and
-true/false for booleans (``xla_cpu_use_onednn=true``); e.g.
-XLA:CPU's default library fusions against the project's:
+Each variant is a ':'-separated entry of ','-separated options: ``kernel_set`` ('xla' is XLA's
+own kernels everywhere, 'xla_cpu' the project's CPU kernels) and XLA compile options named
+``xla_*`` for that variant's jit only, over the process's, with '+' for the ',' inside their
+values and true/false for booleans. E.g. XLA:CPU's default library fusions against the tuned
+process's:
 
-  PYTHONPATH=. .venv/bin/python bench/ablation.py --net=ir_se50 --batch=16 --variants=\
-xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT+\
-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION+LIBRARY_FUSION_TYPE_REDUCE:conv_impl=gemm
+  .venv/bin/python bench/ablation.py --variants=xla_cpu_experimental_ynn_fusion_type=\
+LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION+\
+LIBRARY_FUSION_TYPE_REDUCE:kernel_set=xla_cpu
 
-`--mode=embed` times the eval-mode embedding instead. Prints images/s (median over `--reps`) and
-compile seconds.
+Prints images/s (median over `--reps`) and compile seconds.
 """
 import os
 import statistics
@@ -25,16 +22,14 @@ import time
 
 from absl import app, flags
 
-import steps as bench_steps
+from multiface_jax import cpu_tuning
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('net', 'mobilefacenet', 'Backbone.')
 flags.DEFINE_integer('batch', 64, 'Training batch.')
 flags.DEFINE_integer('num_classes', 10_000, 'Identities of the head.')
 flags.DEFINE_integer('num_spheres', 2, 'N of the multi-sphere ArcFace head.')
-flags.DEFINE_string('variants', 'conv_impl=lax,depthwise_impl=lax:'
-                    'conv_impl=lax,depthwise_impl=shifted:conv_impl=gemm,depthwise_impl=shifted',
-                    'Option sets to compare.')
+flags.DEFINE_string('variants', 'kernel_set=xla:kernel_set=xla_cpu', 'Option sets to compare.')
 flags.DEFINE_enum('mode', 'train', ['train', 'embed'], 'Time train steps or the embedding.')
 flags.DEFINE_integer('reps', 3, 'Timed repetitions per variant.')
 flags.DEFINE_integer('steps', 1, 'Steps per repetition.')
@@ -50,20 +45,24 @@ def main(argv):
   del argv
   variants = [dict(item.split('=') for item in entry.split(','))
               for entry in FLAGS.variants.split(':')]
-  host_memory = bench_steps.host_memory_from_flags()
+  tuned = cpu_tuning.configure()
+  import steps as bench_steps  # pylint: disable=import-outside-toplevel  (imports JAX)
   print(f'{FLAGS.net} {FLAGS.mode}, batch {FLAGS.batch}, {time.strftime("%Y-%m-%d %H:%M:%S")}, '
-        f'load {os.getloadavg()[0]:.1f}, {host_memory}', flush=True)
+        f'load {os.getloadavg()[0]:.1f}, tuned process: {tuned}', flush=True)
   timed, compile_s = [], []
   for options in variants:
-    model_options = {k: v for k, v in options.items() if not k.startswith('xla_')}
+    kernel_set = options.get('kernel_set', 'auto')
     xla_options = {k: _option_value(v) for k, v in options.items() if k.startswith('xla_')}
+    unknown = set(options) - {'kernel_set'} - set(xla_options)
+    if unknown:
+      raise app.UsageError(f'Unknown variant options {sorted(unknown)}: use kernel_set, xla_*.')
     if FLAGS.mode == 'train':
       step = bench_steps.jax_train_step(
           FLAGS.net, batch_size=FLAGS.batch, num_classes=FLAGS.num_classes,
-          num_spheres=FLAGS.num_spheres, model_options=model_options, xla_options=xla_options)
+          num_spheres=FLAGS.num_spheres, kernel_set=kernel_set, xla_options=xla_options)
     else:
-      step = bench_steps.jax_embed(FLAGS.net, batch_size=FLAGS.batch,
-                                   model_options=model_options, xla_options=xla_options)
+      step = bench_steps.jax_embed(FLAGS.net, batch_size=FLAGS.batch, kernel_set=kernel_set,
+                                   xla_options=xla_options)
     compile_s.append(step.compile())
     step.run(1)
     timed.append(step)

@@ -11,16 +11,14 @@ machine.
 """
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=g-import-not-at-top
+import numpy as np
 
 from multiface_jax.data import convert
 from multiface_jax.data import recordio
+from multiface_jax.data import recordio_writer
 
 
 def write_emore_folder(path, jpegs, num_images, images_per_identity=50):
@@ -28,18 +26,18 @@ def write_emore_folder(path, jpegs, num_images, images_per_identity=50):
   labels = np.arange(num_images) // images_per_identity
   num_classes = int(labels[-1]) + 1
   identity_start = num_images + 1
-  with recordio.RecordIOWriter(os.path.join(path, 'train.rec'),
+  with recordio_writer.RecordIOWriter(os.path.join(path, 'train.rec'),
                                os.path.join(path, 'train.idx')) as writer:
     header = recordio.IRHeader(0, [identity_start, identity_start + num_classes], 0, 0)
-    writer.write_idx(0, recordio.pack(header, b''))
+    writer.write_idx(0, recordio_writer.pack(header, b''))
     for i in range(num_images):
       header = recordio.IRHeader(0, float(labels[i]), i + 1, 0)
-      writer.write_idx(i + 1, recordio.pack(header, jpegs[i % len(jpegs)]))
+      writer.write_idx(i + 1, recordio_writer.pack(header, jpegs[i % len(jpegs)]))
     for c in range(num_classes):
       first = 1 + c * images_per_identity
       header = recordio.IRHeader(0, [first, min(first + images_per_identity, num_images + 1)],
                                  0, 0)
-      writer.write_idx(identity_start + c, recordio.pack(header, b''))
+      writer.write_idx(identity_start + c, recordio_writer.pack(header, b''))
   with open(os.path.join(path, 'property'), 'w') as f:
     f.write(f'{num_classes},112,112')
 
@@ -57,7 +55,7 @@ def main():
   args = parser.parse_args()
   # Imported here, not at the top: the converter's spawned workers re-import this script, and
   # this import pulls in TensorFlow, which they must not pay for.
-  from bench.input_pipeline import make_face_like_jpegs  # pylint: disable=g-import-not-at-top
+  from input_pipeline import make_face_like_jpegs  # pylint: disable=import-outside-toplevel
   with tempfile.TemporaryDirectory() as tmp:
     src = os.path.join(tmp, 'emore')
     os.makedirs(src)

@@ -1,7 +1,7 @@
 """Images/s of the tf.data training pipeline (read, shuffle, decode, flip, batch, to numpy).
 
-  taskset -c 0 .venv/bin/python bench/input_pipeline.py --num_parallel_calls=1   # one core
-  .venv/bin/python bench/input_pipeline.py                                       # AUTOTUNE
+  taskset -c 0 .venv/bin/python bench/pipeline.py --num_parallel_calls=1   # one core
+  .venv/bin/python bench/pipeline.py                                       # AUTOTUNE
 
 Writes `--num_images` 112x112 JPEGs (quality 90, like emore's) into TFRecord shards in a temp
 folder, the images cut from the two real photos that ship with scikit-learn (random crops,
@@ -16,18 +16,15 @@ import gc
 import io
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import numpy as np  # pylint: disable=g-import-not-at-top
+import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
-from multiface_jax import input_pipeline
+from multiface_jax.data import pipeline
 from multiface_jax.data import convert
 
 
@@ -118,11 +115,11 @@ def main():
     baseline = (tf.data.TFRecordDataset(files).repeat()
                 .map(decode, num_parallel_calls=args.num_parallel_calls)
                 .batch(args.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
-    def pipeline():
-      return input_pipeline.create_input_iter(data_dir, args.batch_size, seed=0,
-                                              num_parallel_calls=args.num_parallel_calls)
+    def training_iter():
+      return pipeline.create_input_iter(data_dir, args.batch_size, seed=0,
+                                        num_parallel_calls=args.num_parallel_calls)
     make_iterators = {'decode + batch only (baseline)': baseline.as_numpy_iterator,
-                      'create_input_iter (shuffle, decode, flip, batch)': pipeline}
+                      'create_input_iter (shuffle, decode, flip, batch)': training_iter}
     rates = measure(make_iterators, num_batches, args.batch_size, phases=args.phases)
   for name, (best, median, per_cpu_second) in rates.items():
     print(f'{name}: {best:,.0f} images/s (best phase), {median:,.0f} (median phase), '

@@ -1,27 +1,34 @@
 """Where a training step's time goes: backbone forward, backward, head, optimizer; compile times.
 
-  PYTHONPATH=. .venv/bin/python bench/profile_step.py --net=mobilefacenet
-  PYTHONPATH=. .venv/bin/python bench/profile_step.py --net=ir_se50 --batch=16
+  .venv/bin/python bench/profile_step.py --net=mobilefacenet
+  .venv/bin/python bench/profile_step.py --net=ir_se50 --batch=16
+
+In a tuned process (``cpu_tuning.configure()``), as every command of the project runs.
 
 JAX pieces are separately jitted functions on the benchmark's state and batch:
   forward        backbone in training mode (batch statistics), embeddings out
   forward+back   backbone forward and the gradient w.r.t. its params for a fixed cotangent
   head           head + loss, forward and gradient w.r.t. the head kernel and the embeddings
   optimizer      ``tx.update`` + ``optax.apply_updates`` on the full gradient tree
-  whole step     ``train.train_step`` as ``bench/speed.py`` times it
+  whole step     ``training.step.train_step`` as ``bench/speed.py`` times it
 backward = forward+back - forward. PyTorch's pieces are timed inside real steps (forward; head and
 loss forward; backward through head and backbone; ``optimizer.step``). Each piece prints its
 median over `--reps` calls and, for JAX, its compile time.
 """
-import functools
 import os
 import statistics
 import time
 
+from absl import app, flags
+
+from multiface_jax import cpu_tuning
+
+cpu_tuning.configure()  # before JAX's first computation
+
+# pylint: disable=wrong-import-position
 import jax
 import jax.numpy as jnp
 import optax
-from absl import app, flags
 
 import steps as bench_steps
 from multiface_jax import heads, models
@@ -33,7 +40,7 @@ flags.DEFINE_integer('num_classes', 10_000, 'Identities of the head.')
 flags.DEFINE_integer('num_spheres', 2, 'N of the multi-sphere ArcFace head.')
 flags.DEFINE_string('dtype', 'float32', 'JAX compute dtype.')
 flags.DEFINE_string('head_precision', 'highest', "'highest' or 'default'.")
-flags.DEFINE_list('model_options', [], 'Extra backbone options key=value.')
+flags.DEFINE_string('kernel_set', 'auto', "The backbone's kernel set: auto, xla or xla_cpu.")
 flags.DEFINE_integer('reps', 5, 'Timed calls per piece.')
 flags.DEFINE_bool('torch', True, 'Also split a PyTorch step.')
 flags.DEFINE_integer('torch_threads', os.cpu_count(), 'PyTorch intra-op threads.')
@@ -78,7 +85,7 @@ def jax_pieces(setup):
     updates, opt_state = setup.tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  jit = functools.partial(jax.jit, compiler_options=bench_steps.compiler_options())
+  jit = jax.jit
   return {
       'forward': (jit(forward), (state.params['backbone'], state.batch_stats)),
       'forward+back': (jit(forward_backward),
@@ -89,11 +96,10 @@ def jax_pieces(setup):
 
 
 def profile_jax():
-  options = dict(item.partition('=')[::2] for item in FLAGS.model_options)
   precision = None if FLAGS.head_precision == 'default' else FLAGS.head_precision
   kwargs = dict(batch_size=FLAGS.batch, num_classes=FLAGS.num_classes,
                 num_spheres=FLAGS.num_spheres, dtype=FLAGS.dtype, head_precision=precision,
-                model_options=options)
+                kernel_set=FLAGS.kernel_set)
   setup = bench_steps.JaxTrainSetup(FLAGS.net, **kwargs)
   rows = {}
   for name, (fn, args) in jax_pieces(setup).items():
@@ -135,12 +141,10 @@ def profile_torch():
 
 def main(argv):
   del argv
-  host_memory = bench_steps.host_memory_from_flags()
   print(f'{FLAGS.net} batch {FLAGS.batch}, {FLAGS.num_spheres}-sphere ArcFace over '
         f'{FLAGS.num_classes} classes, {FLAGS.dtype}, head precision {FLAGS.head_precision}, '
-        f'options {FLAGS.model_options}; {jax.default_backend()}; '
-        f'{time.strftime("%Y-%m-%d %H:%M:%S")}; load {os.getloadavg()[0]:.1f}; '
-        f'{host_memory}', flush=True)
+        f'kernel set {FLAGS.kernel_set}; {jax.default_backend()}; '
+        f'{time.strftime("%Y-%m-%d %H:%M:%S")}; load {os.getloadavg()[0]:.1f}', flush=True)
   jax_rows = profile_jax()
   print(f'{"JAX piece":20s} {"median ms":>10s} {"compile s":>10s}')
   for name, (ms, compile_s) in jax_rows.items():

@@ -1,6 +1,6 @@
 """Times the vectorised verification protocol against a straightforward per-threshold loop.
 
-  PYTHONPATH=. .venv/bin/python bench/protocol.py [--pairs=6000] [--dim=512] [--repeats=20]
+  .venv/bin/python bench/protocol.py [--pairs=6000] [--dim=512] [--repeats=20]
 
 The loop version is the reference algorithm written plainly (one pass over the pairs per threshold,
 per fold: 10 x (2 x 400 + 4000) passes). Both run on the same 6,000 LFW-sized pairs of random

@@ -13,6 +13,7 @@ import tempfile
 import time
 
 from multiface_jax.data import recordio
+from multiface_jax.data import recordio_writer
 
 
 def main():
@@ -34,9 +35,9 @@ def main():
       return result
 
     def write():
-      with recordio.RecordIOWriter(rec, idx) as writer:
+      with recordio_writer.RecordIOWriter(rec, idx) as writer:
         for key in range(args.records):
-          writer.write_idx(key, recordio.pack((0, float(key % 1000), key, 0), payload))
+          writer.write_idx(key, recordio_writer.pack((0, float(key % 1000), key, 0), payload))
 
     timed('write (pack + frame)', write)
     print(f'file: {os.path.getsize(rec) / 1e6:.0f} MB, {args.records} records')

@@ -1,13 +1,14 @@
 """The work the speed benchmarks time: this project's JAX train step and embedding, and the same
-work in PyTorch (the reference backbones of the weight-import tests, ``tests/torch_reference.py``).
+work in PyTorch (the reference backbones of the weight-import tests, ``torch_reference``).
 
 Per training step both sides run the backbone forward in training mode (batch statistics, dropout
 for IR), the multi-sphere ArcFace head over `num_classes` identities (N slices of the unit
 embedding, one column-normalised (512/N, C) classifier each), the summed cross-entropy, the
 backward pass and an SGD-momentum update with weight decay. The JAX side is the project's own
-``train.train_step``, jitted with the state donated as ``train.Trainer`` does; the PyTorch side
-trains the way the original does (``torch.optim.SGD``, the original's ArcFace head, which
-computes the margin for every class and keeps the target's).
+``training.step.train_step`` under a plain ``jax.jit`` with the state donated, as a user's script
+or ``training.trainer.Trainer`` jits it; the PyTorch side trains the way the original does
+(``torch.optim.SGD``, the original's ArcFace head, which computes the margin for every class and
+keeps the target's).
 
 Every builder returns a :class:`Timed`: ``compile()`` (seconds; JAX only) then ``run(n)``, which
 does `n` steps and waits for the result, so a wall clock around it measures the work.
@@ -16,60 +17,24 @@ import dataclasses
 import functools
 import math
 import os
-import sys
+import runpy
 import time
 from typing import Any, Callable, Optional
-
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 
-from multiface_jax import heads, host_memory, models, optim, parallel
-from multiface_jax.evaluation import embed as embed_lib
-
-flags.DEFINE_bool('huge_pages', True, 'Re-run the script with transparent huge pages for malloc '
-                  '(multiface_jax/host_memory.py), as main.py does; JAX and PyTorch both get them.')
-flags.DEFINE_bool('reuse_step_memory', True, 'Run JAX CPU steps on the main thread and keep freed '
-                  'memory (multiface_jax/host_memory.py), as main.py does. PyTorch keeps freed '
-                  'memory either way (torch_reference).')
-
-
-def host_memory_from_flags() -> str:
-  """Applies --huge_pages (re-executing the script once) and --reuse_step_memory, as main.py
-  does; call it before JAX's first computation. Returns what is on, for the results' header."""
-  if flags.FLAGS.huge_pages:
-    host_memory.reexec_with_huge_pages()
-  if flags.FLAGS.reuse_step_memory:
-    host_memory.reuse_step_memory()
-  return (f'huge pages {"on" if host_memory.active() else "off"}, step memory '
-          f'{"reused" if flags.FLAGS.reuse_step_memory else "not reused"}')
-
-
-def _import_train():
-  """``multiface_jax.train``; on an image without TensorFlow (clu's metric writers import it,
-  e.g. the GPU machines' image) with clu stubbed out: the train step does not use clu."""
-  try:
-    from multiface_jax import train  # pylint: disable=import-outside-toplevel
-  except ImportError as error:
-    if 'tensorflow' not in str(error) and 'clu' not in str(error):
-      raise
-    for name in ('clu', 'clu.metric_writers', 'clu.periodic_actions'):
-      sys.modules.pop(name, None)
-    sys.modules['clu'] = types.SimpleNamespace(metric_writers=None, periodic_actions=None)
-    from multiface_jax import train  # pylint: disable=import-outside-toplevel
-    print(f'bench: clu stubbed ({error}); the train step does not use it.', flush=True)
-  return train
-
-
-train = _import_train()
+from multiface_jax import cpu_tuning, heads, models
+from multiface_jax.models import kernels
+from multiface_jax.training import optim, schedule, sharding, step
 
 IMAGE_SIZE = 112
 SEED = 0
 MARGIN = 0.5
 SCALE = 64.0
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              'configs', 'default.py')
 
 
 @dataclasses.dataclass
@@ -88,13 +53,9 @@ class Timed:
   hlo_text: Optional[Callable[[], str]] = None
 
 
-def create_model(net: str, dtype: str, model_options: Optional[dict] = None):
-  """``models.create_model``, or the backbone class itself when an option is not exposed there
-  (``conv_impl`` lets the benchmark compare implementations)."""
-  options = dict(model_options or {})
-  conv_impl = options.pop('conv_impl', None)
-  model = models.create_model(net, dtype=jnp.dtype(dtype), **options)
-  return model if conv_impl is None else model.clone(conv_impl=conv_impl)
+def create_model(net: str, dtype: str = 'float32', kernel_set: str = 'auto'):
+  """``models.create_model`` with a compute dtype and a kernel set."""
+  return models.create_model(net, dtype=jnp.dtype(dtype), kernel_set=kernel_set)
 
 
 def create_head(num_classes: int, num_spheres: int,
@@ -123,16 +84,17 @@ def _compiled_flops(compiled) -> Optional[float]:
   return float(flops) if flops else None
 
 
-def compiler_options(xla_options: Optional[dict] = None) -> dict:
-  """The project's compile options for the default backend (``models.compiler_options``), with
-  `xla_options` (XLA option name -> value) over them."""
-  return {**models.compiler_options(), **(xla_options or {})}
-
-
 def _aot(jitted, *args) -> tuple[Any, float]:
   start = time.perf_counter()
   compiled = jitted.lower(*args).compile()
   return compiled, time.perf_counter() - start
+
+
+def _optimizer_config():
+  """The default recipe's SGD (momentum 0.9, grouped coupled weight decay), constant rate."""
+  opt = runpy.run_path(DEFAULT_CONFIG)['get_config']().optimizer
+  opt.schedule = 'constant'
+  return opt
 
 
 class JaxTrainSetup:
@@ -140,54 +102,46 @@ class JaxTrainSetup:
 
   def __init__(self, net: str, *, batch_size: int, num_classes: int, num_spheres: int,
                dtype: str = 'float32', head_precision: Optional[str] = 'highest',
-               model_options: Optional[dict] = None):
-    self.model = create_model(net, dtype, model_options)
+               kernel_set: str = 'auto'):
+    self.model = create_model(net, dtype, kernel_set)
     self.head = create_head(num_classes, num_spheres, head_precision)
-    self.mesh = parallel.create_mesh(1, devices=jax.devices()[:1])
+    self.mesh = sharding.create_mesh(1, devices=jax.devices()[:1])
     opt_config = _optimizer_config()
-    plan = optim.StepPlan(steps_per_epoch=1000, total_steps=10**6, warmup_steps=0,
-                          boundaries=(), eval_every=0)
+    plan = schedule.StepPlan(steps_per_epoch=1000, total_steps=10**6, warmup_steps=0,
+                             boundaries=(), eval_every=0)
     rng = jax.random.PRNGKey(SEED)
     image_size = (IMAGE_SIZE, IMAGE_SIZE)
     abstract_params, abstract_stats = jax.eval_shape(
-        functools.partial(train.init_variables, model=self.model, head=self.head,
+        functools.partial(step.init_variables, model=self.model, head=self.head,
                           image_size=image_size), rng)
     groups = optim.param_groups(abstract_params, abstract_stats,
                                 embedding_layer=optim.embedding_layer_of(net))
-    self.tx = optim.create_optimizer(opt_config, optim.create_learning_rate_fn(opt_config, plan),
-                                     groups)
-    self.state = jax.jit(functools.partial(train.create_train_state, model=self.model,
+    self.tx = optim.create_optimizer(
+        opt_config, schedule.create_learning_rate_fn(opt_config, plan), groups)
+    self.state = jax.jit(functools.partial(step.create_train_state, model=self.model,
                                            head=self.head, tx=self.tx,
                                            image_size=image_size))(rng)
     self.batch = random_batch(batch_size, num_classes)
 
 
-def _optimizer_config():
-  """The default recipe's SGD (momentum 0.9, grouped coupled weight decay), constant rate."""
-  from configs import default  # pylint: disable=import-outside-toplevel
-  opt = default.get_config().optimizer
-  opt.schedule = 'constant'
-  return opt
-
-
 def jax_train_step(net: str, *, xla_options: Optional[dict] = None, **kwargs) -> Timed:
-  """This project's train step (``train.train_step``, jitted, state donated) on one device.
+  """This project's train step (``training.step.train_step``, jitted, state donated), one device.
 
   Args:
     net: backbone name.
-    xla_options: XLA compile options over the project's own (:func:`compiler_options`).
+    xla_options: XLA compile options for this jit only (the ablation's), over the process's.
     **kwargs: :class:`JaxTrainSetup` arguments (batch_size, num_classes, num_spheres, dtype,
-      head_precision, model_options).
+      head_precision, kernel_set).
   """
   setup = JaxTrainSetup(net, **kwargs)
-  step = jax.jit(functools.partial(train.train_step, model=setup.model, head=setup.head,
-                                   tx=setup.tx, mesh=setup.mesh), donate_argnums=0,
-                 compiler_options=compiler_options(xla_options))
+  train_step = jax.jit(functools.partial(step.train_step, model=setup.model, head=setup.head,
+                                         tx=setup.tx, mesh=setup.mesh), donate_argnums=0,
+                       compiler_options=xla_options or None)
   holder = {}
   timed = Timed(run=None)
 
   def compile_step():
-    holder['step'], seconds = _aot(step, setup.state, setup.batch)
+    holder['step'], seconds = _aot(train_step, setup.state, setup.batch)
     timed.flops_per_call = _compiled_flops(holder['step'])
     timed.hlo_text = holder['step'].as_text
     return seconds
@@ -203,23 +157,21 @@ def jax_train_step(net: str, *, xla_options: Optional[dict] = None, **kwargs) ->
   return timed
 
 
-def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32',
-              model_options: Optional[dict] = None,
+def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32', kernel_set: str = 'auto',
               xla_options: Optional[dict] = None) -> Timed:
-  """Jitted eval-mode embedding: uint8 (B, 112, 112, 3) in, unit (B, 512) float32 out."""
-  model = create_model(net, dtype, model_options)
+  """Jitted eval-mode embedding, as the evaluation embeds one view: uint8 (B, 112, 112, 3) in,
+  unit (B, 512) float32 out."""
+  model = create_model(net, dtype, kernel_set)
   variables = jax.jit(functools.partial(model.init, train=False))(
       jax.random.PRNGKey(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
-
   apply_fn = functools.partial(model.apply, train=False)
 
   def whole_batch(variables, images_uint8):
     return apply_fn(variables, models.normalize_images(images_uint8))
 
-  @functools.partial(jax.jit, compiler_options=compiler_options(xla_options))
+  @functools.partial(jax.jit, compiler_options=xla_options or None)
   def embed(variables, images_uint8):
-    # As the evaluation embeds (evaluation/embed.py), without the flipped view.
-    return embed_lib.apply_in_chunks(apply_fn, variables, models.normalize_images(images_uint8))
+    return kernels.apply_in_chunks(apply_fn, variables, models.normalize_images(images_uint8))
 
   images = random_batch(batch_size, 1)['image']
   holder = {}
@@ -245,26 +197,19 @@ def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32',
 
 
 def torch_reference():
-  """Imports ``tests/torch_reference.py`` (needs torch, from requirements-torch.txt).
+  """``multiface_jax.torch_reference`` (needs torch, from requirements-torch.txt).
 
   Every PyTorch builder goes through here, so it also makes glibc keep freed memory
-  (``host_memory.keep_freed_memory``; process-wide). PyTorch allocates its CPU activations with
-  malloc, which maps large blocks afresh and unmaps them on free: measured on MobileFaceNet
-  embedding, batch 64, here, 29-35 images/s in a fresh process and 80-89 with freed memory kept
-  (mmap and trim thresholds of 1 GB then, as ``MALLOC_MMAP_THRESHOLD_`` /
-  ``MALLOC_TRIM_THRESHOLD_`` do), and earlier PyTorch numbers depended on whether a training
-  benchmark had run first. Real deployments avoid the cost the same way (or with jemalloc /
-  tcmalloc), so the benchmarks give it to PyTorch.
+  (``cpu_tuning.keep_freed_memory``; process-wide): PyTorch allocates its CPU activations with
+  malloc, which otherwise maps large blocks afresh and unmaps them on free. Deployments avoid
+  that cost the same way (or with jemalloc / tcmalloc), so the benchmarks give it to PyTorch.
   """
-  host_memory.keep_freed_memory()
-  tests_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests')
-  if tests_dir not in sys.path:
-    sys.path.insert(0, tests_dir)
-  import torch_reference as reference  # pylint: disable=import-outside-toplevel,import-error
+  cpu_tuning.keep_freed_memory()
+  from multiface_jax import torch_reference as reference  # pylint: disable=import-outside-toplevel
   return reference
 
 
-def torch_arcface_loss(embeddings, kernels, labels):
+def torch_arcface_loss(embeddings, kernels_, labels):
   """The original's multi-sphere ArcFace loss: per slice, column-normalised weights, the margin
   computed for every class (fallback ``c - m sin m`` past ``cos(pi - m)``), the target's kept,
   times s; the cross-entropies summed over slices."""
@@ -273,7 +218,7 @@ def torch_arcface_loss(embeddings, kernels, labels):
   threshold, fallback = math.cos(math.pi - MARGIN), MARGIN * math.sin(MARGIN)
   rows = torch.arange(labels.shape[0])
   total = 0.0
-  for slice_, kernel in zip(embeddings.chunk(len(kernels), dim=1), kernels):
+  for slice_, kernel in zip(embeddings.chunk(len(kernels_), dim=1), kernels_):
     cos = torch.mm(slice_, kernel / torch.norm(kernel, 2, 0, True)).clamp(-1, 1)
     sin = torch.sqrt((1.0 - cos * cos).clamp_min(1e-12))
     with_margin = torch.where(cos - threshold <= 0, cos - fallback, cos * cos_m - sin * sin_m)
@@ -281,8 +226,6 @@ def torch_arcface_loss(embeddings, kernels, labels):
     logits[rows, labels] = with_margin[rows, labels]
     total = total + torch.nn.functional.cross_entropy(logits * SCALE, labels)
   return total
-
-
 class TorchTrainSetup:
   """Model, head kernels, SGD and a fixed batch of one PyTorch training benchmark."""
 

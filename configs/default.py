@@ -5,8 +5,9 @@ command line, e.g. ``--config.batch_size=512 --config.optimizer.lr=0.1``; the co
 so a misspelled field is an error instead of a silently ignored new one.
 
 Durations can be given in epochs or in steps: a ``*_steps`` field set to -1 means "derive it from
-the matching ``*_epochs`` field" (``optim.plan_steps`` converts them, in one place). A *step* is
-one global batch of ``batch_size`` images.
+the matching ``*_epochs`` field" (``training.schedule.plan_steps`` converts them, in one place). A *step* is
+one global batch of ``batch_size`` images. The original's recipe, which these defaults follow for
+MobileFaceNet, is written down in docs/original_recipe.md.
 """
 import ml_collections
 
@@ -21,9 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Compute dtype of the backbone: 'float32' or 'bfloat16'. Params, embeddings, logits and loss
   # stay float32 either way.
   config.model.dtype = 'float32'
-  # Backbone-specific options passed to create_model (MobileFaceNet: depthwise_impl
-  # 'auto'|'lax'|'shifted'; IR: dropout_rate).
-  config.model.options = ml_collections.ConfigDict({'depthwise_impl': 'auto'})
+  # Backbone-specific options passed to create_model (IR / IR-SE: dropout_rate).
+  config.model.options = ml_collections.ConfigDict()
 
   config.head = ml_collections.ConfigDict()
   # Margin kind of every sphere: softmax (NormFace) | arcface | cosface | combined.

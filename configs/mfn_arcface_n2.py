@@ -1,30 +1,11 @@
-"""MobileFaceNet, Multi-ArcFace N=2: a row of the MultiFace table (emore, 20 epochs).
-
-Command (any number of devices and hosts; the global batch stays the same)::
+"""MobileFaceNet, Multi-ArcFace N=2 (m = 0.3), emore, 20 epochs: a row of the MultiFace table.
 
   python main.py --config=configs/mfn_arcface_n2.py --workdir=runs/mfn_arcface_n2 \
-      --config.data_dir=/path/to/emore_tfrecords
+      --config.data_dir=/data/emore_tfrecords
 
-Expected verification accuracy (%, 10-fold, flip TTA; the published numbers, not yet
-reproduced by this code)::
-
-  LFW   | CFP-FP | AgeDB-30 | CALFW | CPLFW
-  99.52 | 93.41  | 96.35    | 95.28 | 88.65
-
-Margin m = 0.3: the original's multi-sphere heads take their margin from the command line
-(--m, default 0.3), the value a published multi-sphere run used unless it overrode --m.
-
-Recipe (REFERENCE section 4): SGD momentum 0.9, lr 0.05, batch 200 (the batch the original
-suggests for MobileFaceNet), lr /10 at epochs 12, 15, 18; weight decay 4e-5 on the backbone,
-4e-4 on the final Linear and the head, 0 on BatchNorm (the defaults).
+Published (not yet reproduced here):
+  LFW 99.52, CFP-FP 93.41, AgeDB-30 96.35, CALFW 95.28, CPLFW 88.65.
 """
-from configs import default
+from configs import published
 
-
-def get_config():
-  """MobileFaceNet, Multi-ArcFace N=2."""
-  config = default.get_config()
-  config.head.kind = 'arcface'
-  config.head.num_spheres = 2
-  config.head.margin = 0.3
-  return config
+get_config = published.row('mobilefacenet', 'arcface', num_spheres=2)

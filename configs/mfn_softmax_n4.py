@@ -1,28 +1,11 @@
-"""MobileFaceNet, Multi-Softmax N=4: a row of the MultiFace table (emore, 20 epochs).
-
-Command (any number of devices and hosts; the global batch stays the same)::
+"""MobileFaceNet, Multi-Softmax N=4, emore, 20 epochs: a row of the MultiFace table.
 
   python main.py --config=configs/mfn_softmax_n4.py --workdir=runs/mfn_softmax_n4 \
-      --config.data_dir=/path/to/emore_tfrecords
+      --config.data_dir=/data/emore_tfrecords
 
-Expected verification accuracy (%, 10-fold, flip TTA; the published numbers, not yet
-reproduced by this code)::
-
-  LFW   | CFP-FP | AgeDB-30 | CALFW | CPLFW
-  99.40 | 95.46  | 95.25    | 95.15 | 90.22
-
-No margin: NormFace logits (scale 64) on each of the four 128-d slices.
-
-Recipe (REFERENCE section 4): SGD momentum 0.9, lr 0.05, batch 200 (the batch the original
-suggests for MobileFaceNet), lr /10 at epochs 12, 15, 18; weight decay 4e-5 on the backbone,
-4e-4 on the final Linear and the head, 0 on BatchNorm (the defaults).
+Published (not yet reproduced here):
+  LFW 99.40, CFP-FP 95.46, AgeDB-30 95.25, CALFW 95.15, CPLFW 90.22.
 """
-from configs import default
+from configs import published
 
-
-def get_config():
-  """MobileFaceNet, Multi-Softmax N=4."""
-  config = default.get_config()
-  config.head.kind = 'softmax'
-  config.head.num_spheres = 4
-  return config
+get_config = published.row('mobilefacenet', 'softmax', num_spheres=4)

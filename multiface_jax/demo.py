@@ -7,7 +7,8 @@
 2. writes identities s1..s30 as an emore folder (`data.from_folder`) and a balanced verification
    .bin of pairs from the 10 held-out identities s31..s40 (`data.make_pairs`);
 3. converts the emore folder to TFRecord shards (`data.convert`);
-4. trains `configs/demo_orl.py` with the normal `main.py` (checkpoints in --workdir);
+4. trains `configs/demo_orl.py` with the library's training loop, in this process (checkpoints
+   in --workdir), as `main.py` would;
 5. evaluates with the normal evaluator and prints the held-out pair accuracy of the trained model
    next to the same protocol on raw pixels and on the untrained network.
 
@@ -17,14 +18,16 @@ import functools
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 
 from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from multiface_jax import startup
+
+# The demo's config is the repository's configs/demo_orl.py (the demo runs from a checkout).
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           'configs', 'demo_orl.py')
 NUM_IDENTITIES = 40
 NUM_TRAIN_IDENTITIES = 30
 HELDOUT_SET = 'orl_heldout'
@@ -102,28 +105,20 @@ def prepare_data(orl_root: str, data_root: str, *, train_identities: int = NUM_T
   return tfrecord_dir
 
 
-def train(config_path: str, workdir: str, data_dir: str, overrides: list[str]) -> None:
-  """Runs the normal entry point, `main.py --mode=train`, in a child process."""
-  command = [sys.executable, os.path.join(REPO_ROOT, 'main.py'), f'--config={config_path}',
-             f'--workdir={workdir}', f'--config.data_dir={data_dir}', *overrides]
-  print('[demo] training:', ' '.join(command), flush=True)
-  subprocess.run(command, check=True, cwd=REPO_ROOT)
-
-
 def evaluate(config, workdir: str) -> list[tuple[str, dict]]:
   """Held-out accuracy of raw pixels, the untrained network and the trained one (same protocol)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from multiface_jax import train as train_lib  # pylint: disable=import-outside-toplevel
-
   from multiface_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
+  from multiface_jax.training import evaluate as evaluate_lib  # pylint: disable=import-outside-toplevel
+  from multiface_jax.training import trainer  # pylint: disable=import-outside-toplevel
 
   rows = []
-  trained = train_lib.evaluate(config, workdir)
+  trained = evaluate_lib.evaluate(config, workdir)
   evaluator = evaluator_lib.Evaluator(config.data_dir, batch_size=config.eval_batch_size,
                                       num_spheres=config.head.num_spheres)
   rows.append(('raw pixels', evaluator.run_raw_pixels()))
-  model = train_lib.create_backbone(config)
+  model = trainer.create_backbone(config)
   untrained = model.init(jax.random.PRNGKey(config.seed), jnp.zeros((1, 112, 112, 3)), train=False)
   rows.append(('untrained network', evaluator.run(functools.partial(model.apply, train=False),
                                                   untrained, step=0, label='untrained')))
@@ -138,9 +133,8 @@ def _define_flags():
   flags.DEFINE_string('workdir', 'runs/demo', 'Run folder: checkpoints, TensorBoard, eval results.')
   flags.DEFINE_string('data_root', None, 'Where the demo data is written (default: '
                       '{workdir}_data/<split>).')
-  config_flags.DEFINE_config_file('config', os.path.join(REPO_ROOT, 'configs', 'demo_orl.py'),
-                                  'Training config file; `--config.x=y` overrides are passed on '
-                                  'to main.py too.', lock_config=True)
+  config_flags.DEFINE_config_file('config', DEMO_CONFIG, 'Training config file '
+                                  '(`--config.x=y` overrides its fields).', lock_config=True)
   flags.DEFINE_integer('train_identities', NUM_TRAIN_IDENTITIES, 'Identities s1..sK to train on.')
   flags.DEFINE_integer('heldout_identities', NUM_IDENTITIES - NUM_TRAIN_IDENTITIES,
                        'The next identities, used only for the verification pairs.')
@@ -149,7 +143,9 @@ def _define_flags():
 
 def main(argv):
   del argv
+  startup.prepare()
   from multiface_jax.evaluation import evaluator as evaluator_lib  # pylint: disable=import-outside-toplevel
+  from multiface_jax.training import loop  # pylint: disable=import-outside-toplevel
 
   workdir = os.path.abspath(FLAGS.workdir)
   split = f'train{FLAGS.train_identities}_heldout{FLAGS.heldout_identities}_pairs{FLAGS.pairs}'
@@ -161,12 +157,11 @@ def main(argv):
                          '--heldout_identities must not exceed it.')
   data_dir = prepare_data(orl_root, data_root, train_identities=FLAGS.train_identities,
                           heldout_identities=FLAGS.heldout_identities, num_pairs=FLAGS.pairs)
-  overrides = [arg for arg in sys.argv[1:] if arg.startswith('--config.')]
-  train(config_flags.get_config_filename(FLAGS['config']), workdir, data_dir,
-        overrides)
-
   config = FLAGS.config
   config.data_dir = data_dir
+  print(f'[demo] training {config_flags.get_config_filename(FLAGS["config"])} in {workdir}',
+        flush=True)
+  loop.train_and_evaluate(config, workdir)
   rows = evaluate(config, workdir)
   first = FLAGS.train_identities + 1
   print(f'\n[demo] held-out verification accuracy (%, 10-fold; identities s{first}-'

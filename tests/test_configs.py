@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from multiface_jax import optim, train
+from multiface_jax.training import inputs, optim, schedule, step, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -54,16 +54,16 @@ def test_row_config_is_the_published_recipe(name):
 def test_config_builds_model_head_and_optimizer(name):
   config = _load(name).get_config()
   config.synthetic_data = True  # emore-sized head (85,742 classes), built abstractly
-  facts = train.dataset_facts(config)
-  model, head = train.create_backbone(config), train.create_head(config, facts.num_classes)
+  facts = inputs.dataset_facts(config)
+  model, head = trainer.create_backbone(config), trainer.create_head(config, facts.num_classes)
   params, batch_stats = jax.eval_shape(
-      lambda rng: train.init_variables(rng, model, head, facts.image_size), jax.random.PRNGKey(0))
+      lambda rng: step.init_variables(rng, model, head, facts.image_size), jax.random.PRNGKey(0))
   assert params['head']['kernel'].shape == (config.head.num_spheres,
                                             512 // config.head.num_spheres, facts.num_classes)
-  plan = optim.plan_steps(config, facts.num_images)
+  plan = schedule.plan_steps(config, facts.num_images)
   groups = optim.param_groups(params, batch_stats,
                               embedding_layer=optim.embedding_layer_of(config.model.name))
-  tx = optim.create_optimizer(config.optimizer, optim.create_learning_rate_fn(config.optimizer,
+  tx = optim.create_optimizer(config.optimizer, schedule.create_learning_rate_fn(config.optimizer,
                                                                              plan), groups)
   opt_state = jax.eval_shape(tx.init, params)
   assert jax.tree.leaves(opt_state)
@@ -118,4 +118,4 @@ def test_unusable_values_are_rejected_by_name(field, value, message):
   config = _load('tiny').get_config()
   config.update_from_flattened_dict({field: value})
   with pytest.raises(ValueError, match=message):
-    train.check_config(config)
+    trainer.check_config(config)

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from multiface_jax.data import convert
 from multiface_jax.data import recordio
+from multiface_jax.data import recordio_writer
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 EMORE = os.path.join(DATA, 'emore')
@@ -69,11 +70,11 @@ def corrupt_copy(tmp_path, damage):
   dst.mkdir()
   reader = recordio.RecordIOReader(os.path.join(EMORE, 'train.rec'),
                                    os.path.join(EMORE, 'train.idx'))
-  with recordio.RecordIOWriter(dst / 'train.rec', dst / 'train.idx') as writer:
+  with recordio_writer.RecordIOWriter(dst / 'train.rec', dst / 'train.idx') as writer:
     for key in reader.keys():
       header, payload = recordio.unpack(reader.read(key))
       header, payload = damage(key, header, payload) or (header, payload)
-      writer.write_idx(key, recordio.pack(header, payload))
+      writer.write_idx(key, recordio_writer.pack(header, payload))
   reader.close()
   shutil.copy(os.path.join(EMORE, 'property'), dst / 'property')
   return dst

@@ -21,8 +21,9 @@ from PIL import Image
 
 from multiface_jax.data import verification_sets
 from multiface_jax.evaluation import embed, evaluator, protocol
+from multiface_jax.models import kernels
+from multiface_jax.models.kernels import chunking
 
-import train_testlib as lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE_BIN = os.path.join(REPO, 'tests', 'data', 'emore', 'pairs20.bin')
@@ -100,48 +101,34 @@ def test_apply_in_chunks_equals_the_whole_batch_and_loops_over_chunks(batch, dat
   expected = np.asarray(images.reshape(batch, -1), np.float64) @ np.asarray(
       variables['params']['Dense_0']['kernel'], np.float64) + np.asarray(
           variables['params']['Dense_0']['bias'], np.float64)
-  chunked = functools.partial(embed.apply_in_chunks, apply_fn, data_devices=data_devices)
+  chunked = functools.partial(chunking.apply_in_chunks, apply_fn, data_devices=data_devices)
   np.testing.assert_allclose(chunked(variables, images), expected, rtol=1e-5, atol=1e-5)
   jaxpr = str(jax.make_jaxpr(chunked)(variables, images))
   if chunks > 1:  # lax.map traces to a scan of `chunks` steps
     assert f'length={chunks}' in jaxpr and ' scan[' in jaxpr
   else:
     assert ' scan[' not in jaxpr
-
-
-class ConvToyModel(nn.Module):
-  @nn.compact
-  def __call__(self, images):
-    x = nn.Conv(32, (3, 3))(images)
-    return nn.Conv(32, (3, 3))(x).reshape(len(images), -1)
-
-
-def test_embedding_compiles_with_the_models_compile_options():
-  """On CPU the embedding's convolutions are XLA's own, not YNNPACK's (models.compiler_options)."""
-  images = _random_images(4, size=14)
-  model = ConvToyModel()
-  variables = model.init(jax.random.key(0), np.zeros((1,) + images.shape[1:], np.float32))
-  args = (model.apply, variables, images)
-  text = embed._raw_embeddings().lower(*args, flip=True).compile().as_text()
-  assert ' convolution(' in text and lib.library_fused_convolutions(text) == 0
-  # The same function jitted with XLA's defaults gives YNNPACK the second convolution.
-  plain = jax.jit(embed._embed_views, static_argnames=('apply_fn', 'flip', 'data_devices'))
-  assert lib.library_fused_convolutions(plain.lower(*args, flip=True).compile().as_text()) > 0
+  # What the embedding calls: chunks with the CPU kernels, the whole batch with XLA's.
+  for kernel_set, loops in (('xla_cpu', chunks > 1), ('xla', False)):
+    with kernels.use(kernel_set):
+      jaxpr = str(jax.make_jaxpr(functools.partial(kernels.apply_in_chunks, apply_fn,
+                                                   data_devices=data_devices))(variables, images))
+    assert (' scan[' in jaxpr) == loops, kernel_set
 
 
 def test_one_compilation_for_all_batches_including_the_padded_one():
   images = _random_images(11, size=5)
   model = ToyModel(6)
   apply_fn, variables = model.apply, _toy(images.shape[1:], features=6)[1]
-  before = embed._raw_embeddings()._cache_size()
+  before = embed._raw_embeddings._cache_size()
   embed.extract_embeddings(apply_fn, variables, images, batch_size=4)  # 4 + 4 + 3 (padded)
   embed.extract_embeddings(apply_fn, variables, images[:5], batch_size=4)
-  assert embed._raw_embeddings()._cache_size() == before + 1
+  assert embed._raw_embeddings._cache_size() == before + 1
   # A fresh but equal partial (how a training loop typically passes model.apply) reuses it too.
   for _ in range(2):
     embed.extract_embeddings(functools.partial(model.apply, mutable=False), variables, images,
                              batch_size=4)
-  assert embed._raw_embeddings()._cache_size() == before + 2
+  assert embed._raw_embeddings._cache_size() == before + 2
 
 
 def test_extract_embeddings_rejects_bad_images():
@@ -160,10 +147,11 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_evaluator import _random_images, _toy
     from multiface_jax.evaluation import embed, evaluator
+    from multiface_jax.models.kernels import chunking
 
     assert jax.device_count() == 8, jax.devices()
     mesh = jax.make_mesh((8, 1), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
-    embed.CPU_IMAGES_PER_CHUNK = 1  # batch 16: two chunks of one image per device
+    chunking.IMAGES_PER_CHUNK = 1  # batch 16: two chunks of one image per device
     images = _random_images(13)
     apply_fn, variables = _toy(images.shape[1:])
     out = {{}}

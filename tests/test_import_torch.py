@@ -1,6 +1,6 @@
 """Importing original PyTorch checkpoints: numeric parity against the PyTorch reference models.
 
-The PyTorch side (tests/torch_reference.py) is written from the REFERENCE notes, has random weights
+The PyTorch side (multiface_jax/torch_reference.py) is written from docs/original.md, has random weights
 and non-trivial BatchNorm statistics, runs in eval mode on BGR images; the imported Flax model runs
 on the same images in RGB. IR-SE100 / IR50 parity is slow: set MULTIFACE_SLOW_TESTS=1.
 """
@@ -16,12 +16,11 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from multiface_jax import checkpointing  # pylint: disable=g-import-not-at-top
+from multiface_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
 from multiface_jax import import_torch  # pylint: disable=g-import-not-at-top
 from multiface_jax import models  # pylint: disable=g-import-not-at-top
 
-sys.path.insert(0, os.path.dirname(__file__))
-import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from multiface_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 PARITY_TOLERANCE = 1e-4
 SLOW = pytest.mark.skipif(os.environ.get('MULTIFACE_SLOW_TESTS') != '1',

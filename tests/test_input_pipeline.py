@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from multiface_jax import input_pipeline
+from multiface_jax.data import pipeline
 from multiface_jax.data import convert
 from multiface_jax.data import emore
 
@@ -97,7 +97,7 @@ def jpeg(shape, seed=0):
 # --- what the batches hold -----------------------------------------------------------------------
 
 def test_training_batches_are_numpy_uint8_images_and_int32_labels(data_dir):
-  batch = next(input_pipeline.create_input_iter(data_dir, 4, seed=0))
+  batch = next(pipeline.create_input_iter(data_dir, 4, seed=0))
   assert set(batch) == {'image', 'label'}
   assert isinstance(batch['image'], np.ndarray) and batch['image'].dtype == np.uint8
   assert batch['image'].shape == (4, 112, 112, 3)
@@ -108,7 +108,7 @@ def test_eval_pixels_equal_pil_and_mxnet_decodes(data_dir, references, identify)
   with open(os.path.join(DATA, 'mxnet_readback.json')) as f:
     mxnet_means = {r['key']: r['decoded']['channel_means']
                    for r in json.load(f)['emore']['records'] if 'decoded' in r}
-  batches = list(input_pipeline.create_input_iter(data_dir, 5, seed=0, train=False))
+  batches = list(pipeline.create_input_iter(data_dir, 5, seed=0, train=False))
   assert [len(b['label']) for b in batches] == [5, 5, 5, 1]  # one pass, remainder kept
   seen = []
   for batch in batches:
@@ -125,7 +125,7 @@ def test_eval_pixels_equal_pil_and_mxnet_decodes(data_dir, references, identify)
 
 def test_training_epochs_cover_every_image_once_with_random_mirrors(data_dir, references,
                                                                    identify):
-  batches = take(input_pipeline.create_input_iter(data_dir, 4, seed=3), 3 * NUM_IMAGES // 4)
+  batches = take(pipeline.create_input_iter(data_dir, 4, seed=3), 3 * NUM_IMAGES // 4)
   decoded = [(identify(image), label) for b in batches for image, label in
              zip(b['image'], b['label'])]
   for (key, _), label in decoded:
@@ -141,9 +141,9 @@ def test_training_epochs_cover_every_image_once_with_random_mirrors(data_dir, re
 
 
 def test_same_seed_gives_the_same_stream_another_seed_another(data_dir):
-  first = take(input_pipeline.create_input_iter(data_dir, 4, seed=7), 6)
-  again = take(input_pipeline.create_input_iter(data_dir, 4, seed=7), 6)
-  other = take(input_pipeline.create_input_iter(data_dir, 4, seed=8), 6)
+  first = take(pipeline.create_input_iter(data_dir, 4, seed=7), 6)
+  again = take(pipeline.create_input_iter(data_dir, 4, seed=7), 6)
+  other = take(pipeline.create_input_iter(data_dir, 4, seed=8), 6)
   assert_same_batches(first, again)
   assert not all(np.array_equal(a['image'], b['image']) for a, b in zip(first, other))
 
@@ -151,8 +151,8 @@ def test_same_seed_gives_the_same_stream_another_seed_another(data_dir):
 @pytest.mark.parametrize('start_step', [1, 5, 11, 16])
 def test_resume_continues_the_uninterrupted_stream(data_dir, start_step):
   # batch 3 over 16 images per epoch: batches straddle epoch boundaries.
-  uninterrupted = take(input_pipeline.create_input_iter(data_dir, 3, seed=5), 20)
-  resumed = take(input_pipeline.create_input_iter(data_dir, 3, seed=5, start_step=start_step),
+  uninterrupted = take(pipeline.create_input_iter(data_dir, 3, seed=5), 20)
+  resumed = take(pipeline.create_input_iter(data_dir, 3, seed=5, start_step=start_step),
                  20 - start_step)
   assert_same_batches(resumed, uninterrupted[start_step:])
 
@@ -160,36 +160,36 @@ def test_resume_continues_the_uninterrupted_stream(data_dir, start_step):
 def test_processes_read_disjoint_shards_that_cover_the_data(data_dir, identify):
   keys = []
   for index in range(2):
-    batches = input_pipeline.create_input_iter(data_dir, 4, seed=0, train=False,
+    batches = pipeline.create_input_iter(data_dir, 4, seed=0, train=False,
                                                process_index=index, process_count=2)
     keys.append({identify(image)[0] for b in batches for image in b['image']})
   assert not keys[0] & keys[1]
   assert len(keys[0] | keys[1]) == NUM_IMAGES
   # Training on process 1 stays within its own files.
-  train = take(input_pipeline.create_input_iter(data_dir, 4, seed=0, process_index=1,
+  train = take(pipeline.create_input_iter(data_dir, 4, seed=0, process_index=1,
                                                 process_count=2), 4)
   assert {identify(image)[0] for b in train for image in b['image']} == keys[1]
 
 
 def test_more_processes_than_shard_files_fails_clearly(data_dir):
   with pytest.raises(ValueError, match=r'4 shard files cannot feed 5 processes.*--num_shards'):
-    input_pipeline.create_input_iter(data_dir, 4, seed=0, process_index=0, process_count=5)
+    pipeline.create_input_iter(data_dir, 4, seed=0, process_index=0, process_count=5)
 
 
 def test_preprocessing_is_the_same_eagerly_and_inside_tf_data(data_dir):
   path = os.path.join(data_dir, convert.shard_name(0, 4))
   serialized = list(tf.data.TFRecordDataset(path).as_numpy_iterator())
   size = (112, 112)
-  parsed = input_pipeline.parse_batch(tf.constant(serialized), 11, 3, num_classes=4)
+  parsed = pipeline.parse_batch(tf.constant(serialized), 11, 3, num_classes=4)
   np.testing.assert_array_equal(parsed['label'], [
       tf.train.Example.FromString(s).features.feature['label'].int64_list.value[0]
       for s in serialized])
-  eager = [input_pipeline.decode_image(e, f, size).numpy()
+  eager = [pipeline.decode_image(e, f, size).numpy()
            for e, f in zip(parsed['encoded'], parsed['flip'])]
   assert 0 < np.sum(parsed['flip'].numpy()) < len(serialized)  # both branches exercised
   ds = tf.data.Dataset.from_tensors(serialized).map(
-      lambda s: input_pipeline.parse_batch(s, 11, tf.constant(3, tf.int64), num_classes=4))
-  ds = ds.unbatch().map(lambda ex: input_pipeline.decode_image(ex['encoded'], ex['flip'], size))
+      lambda s: pipeline.parse_batch(s, 11, tf.constant(3, tf.int64), num_classes=4))
+  ds = ds.unbatch().map(lambda ex: pipeline.decode_image(ex['encoded'], ex['flip'], size))
   graph = list(ds.as_numpy_iterator())
   for a, b, flip, encoded in zip(eager, graph, parsed['flip'].numpy(), serialized):
     np.testing.assert_array_equal(a, b)
@@ -198,41 +198,25 @@ def test_preprocessing_is_the_same_eagerly_and_inside_tf_data(data_dir):
     np.testing.assert_array_equal(a, pil[:, ::-1] if flip else pil)  # flip = reversed width
 
 
-def test_synthetic_batches_need_no_files():
-  batches = take(input_pipeline.create_input_iter(None, 6, seed=0, synthetic=True,
-                                                  num_classes=10), 5)
-  for batch in batches:
-    assert batch['image'].shape == (6, 112, 112, 3) and batch['image'].dtype == np.uint8
-    assert batch['label'].dtype == np.int32 and batch['label'].max() < 10
-  assert not np.array_equal(batches[0]['image'], batches[1]['image'])
-  assert_same_batches(batches, take(input_pipeline.create_synthetic_iter(
-      6, num_classes=10, seed=0), 5))
-
-
-def test_synthetic_mode_takes_sizes_from_the_metadata(data_dir):
-  batch = next(input_pipeline.create_input_iter(data_dir, 2, seed=0, synthetic=True))
-  assert batch['image'].shape == (2, 112, 112, 3) and batch['label'].max() < 4
-
-
 # --- bad input ----------------------------------------------------------------------------------
 
 def test_folder_without_metadata_names_the_converter(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'metadata\.json.*multiface_jax\.data\.convert'):
-    input_pipeline.create_input_iter(str(tmp_path), 4, seed=0)
+    pipeline.create_input_iter(str(tmp_path), 4, seed=0)
 
 
 def test_malformed_metadata_is_reported(tmp_path, data_dir):
   shutil.copytree(data_dir, tmp_path / 'copy')
   (tmp_path / 'copy' / 'metadata.json').write_text('{"num_images": 3')
   with pytest.raises(ValueError, match=r'metadata\.json is malformed'):
-    input_pipeline.read_metadata(tmp_path / 'copy')
+    pipeline.read_metadata(tmp_path / 'copy')
 
 
 def test_missing_shard_is_named(tmp_path, data_dir):
   shutil.copytree(data_dir, tmp_path / 'copy')
   os.remove(tmp_path / 'copy' / convert.shard_name(2, 4))
   with pytest.raises(FileNotFoundError, match=convert.shard_name(2, 4)):
-    input_pipeline.create_input_iter(str(tmp_path / 'copy'), 4, seed=0)
+    pipeline.create_input_iter(str(tmp_path / 'copy'), 4, seed=0)
 
 
 def test_truncated_shard_fails_with_the_folder_and_the_fix(tmp_path, data_dir):
@@ -240,7 +224,7 @@ def test_truncated_shard_fails_with_the_folder_and_the_fix(tmp_path, data_dir):
   path = tmp_path / 'copy' / convert.shard_name(1, 4)
   data = path.read_bytes()
   path.write_bytes(data[:len(data) // 2])
-  batches = input_pipeline.create_input_iter(str(tmp_path / 'copy'), 4, seed=0, train=False)
+  batches = pipeline.create_input_iter(str(tmp_path / 'copy'), 4, seed=0, train=False)
   with pytest.raises(ValueError, match=r'(?s)copy/train-00001-of-00004\.tfrecord: truncated record'
                                        r'.*corrupt.*rerun the converter'):
     list(batches)
@@ -251,16 +235,16 @@ def test_out_of_range_label_names_the_shard_and_record(tmp_path):
   path = write_folder(tmp_path / 'bad_label', records, num_classes=4)
   with pytest.raises(ValueError, match=r'train-00000-of-00001\.tfrecord: record 2 has label 7, '
                                        r'outside \[0, 4\)'):
-    next(input_pipeline.create_input_iter(path, 3, seed=0))
+    next(pipeline.create_input_iter(path, 3, seed=0))
 
 
 def test_image_of_the_wrong_size_is_reported(tmp_path):
   path = write_folder(tmp_path / 'small', [(0, jpeg((64, 64, 3)))] * 2)
   with pytest.raises(ValueError, match=r'small.*\[64,64,3\].*\[112,112,3\]'):
-    next(input_pipeline.create_input_iter(path, 2, seed=0))
+    next(pipeline.create_input_iter(path, 2, seed=0))
 
 
 def test_payload_that_is_not_an_image_is_reported(tmp_path):
   path = write_folder(tmp_path / 'garbage', [(0, b'\xff\xd8\xff not really a jpeg')] * 2)
   with pytest.raises(ValueError, match=r'garbage.*(JPEG|image)'):
-    next(input_pipeline.create_input_iter(path, 2, seed=0))
+    next(pipeline.create_input_iter(path, 2, seed=0))

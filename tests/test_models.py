@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from multiface_jax import models
-from multiface_jax.models import convolutions, iresnet, layers
-
-import train_testlib as lib
+from multiface_jax.models import iresnet, kernels, layers
+from multiface_jax.models.kernels import batchnorm_prelu, convolutions
 
 IMAGE_SHAPE = (1, 112, 112, 3)
 
@@ -57,7 +56,7 @@ def numpy_variables(abstract, seed=0):
 
 
 def ir_param_count(units, use_se, embedding=512):
-  """IR / IR-SE parameter count written out from the architecture (REFERENCE section 3)."""
+  """IR / IR-SE parameter count written out from the architecture (docs/original.md)."""
   bn = lambda c: 2 * c  # scale + bias
   total = 3 * 3 * 3 * 64 + bn(64) + 64  # input conv, BN, PReLU
   in_c = 64
@@ -132,16 +131,17 @@ def depthwise_numpy(x, kernel, stride, pad):
   return out
 
 
-@pytest.mark.parametrize('impl', ['lax', 'shifted'])
-def test_depthwise_hand_computed_example(impl):
+@pytest.mark.parametrize('kernel_set', ['xla', 'xla_cpu'])
+def test_depthwise_hand_computed_example(kernel_set):
   grid = np.arange(1.0, 10.0).reshape(3, 3)
   x = np.stack([grid, 10 * grid], axis=-1)[None]  # (1, 3, 3, 2)
   kernel = np.zeros((3, 3, 1, 2))
   kernel[:, :, 0, 0] = 1.0  # channel 0: 3x3 box sum
   kernel[0, 0, 0, 1] = 1.0  # channel 1: top-left tap only (no kernel flip, padding reads 0)
   variables = {'params': {'kernel': jnp.asarray(kernel, jnp.float32)}}
-  conv = layers.DepthwiseConv2D((3, 3), strides=2, padding=1, impl=impl)
-  out = np.asarray(jax.jit(conv.apply)(variables, jnp.asarray(x, jnp.float32)))
+  conv = layers.DepthwiseConv2D((3, 3), strides=2, padding=1)
+  with kernels.use(kernel_set):  # eagerly: a jit would reuse the trace of the other set
+    out = np.asarray(conv.apply(variables, jnp.asarray(x, jnp.float32)))
   # Output pixel (i, j) is centred on input (2i, 2j).
   np.testing.assert_allclose(out[0, :, :, 0], [[1 + 2 + 4 + 5, 2 + 3 + 5 + 6],
                                               [4 + 5 + 7 + 8, 5 + 6 + 8 + 9]])
@@ -161,7 +161,7 @@ DEPTHWISE_CASES = [  # (kernel, stride, padding, input size)
 
 
 @pytest.mark.parametrize('k,stride,pad,size', DEPTHWISE_CASES)
-def test_depthwise_impls_agree_in_value_and_gradient(k, stride, pad, size):
+def test_depthwise_cpu_kernel_agrees_with_xla_in_value_and_gradient(k, stride, pad, size):
   rng = np.random.default_rng(k * 100 + stride * 10 + size)
   # Batch 12: the shifted kernel gradient loops over chunks of 8 images, then the 4 left over.
   x = jnp.asarray(rng.normal(size=(12, size, size, 5)), jnp.float32)
@@ -188,15 +188,44 @@ def test_depthwise_impls_agree_in_value_and_gradient(k, stride, pad, size):
     np.testing.assert_allclose(g_shifted, g_lax, rtol=1e-5, atol=1e-5)
 
 
-def test_depthwise_impls_share_parameter_shape():
+def test_kernel_sets_resolve_by_backend_and_share_parameters():
   x = jnp.zeros((1, 8, 8, 6))
-  shapes = {impl: jax.eval_shape(layers.DepthwiseConv2D((3, 3), impl=impl).init,
-                                 jax.random.key(0), x)['params']['kernel'].shape
-            for impl in ('lax', 'shifted')}
-  assert shapes == {'lax': (3, 3, 1, 6), 'shifted': (3, 3, 1, 6)}
-  assert convolutions.resolve_depthwise_impl('auto') == 'shifted'  # tests run on CPU
-  with pytest.raises(ValueError, match='lax, shifted'):
-    convolutions.resolve_depthwise_impl('cudnn')
+  shapes = {}
+  for kernel_set in ('xla', 'xla_cpu'):
+    with kernels.use(kernel_set) as resolved:
+      assert resolved == kernels.active() == kernel_set
+      shapes[kernel_set] = layers.DepthwiseConv2D((3, 3)).init(
+          jax.random.key(0), x)['params']['kernel'].shape
+  assert shapes == {'xla': (3, 3, 1, 6), 'xla_cpu': (3, 3, 1, 6)}
+  with kernels.use('auto') as resolved:
+    assert resolved == 'xla_cpu'  # tests run on CPU
+  assert kernels.active() == 'xla_cpu'  # outside any backbone: 'auto'
+  with pytest.raises(ValueError, match='auto, xla, xla_cpu'):
+    with kernels.use('cudnn'):
+      pass
+
+
+def test_tiny_backbone_computes_the_same_function_with_either_kernel_set():
+  """The whole network (3-channel and wider 3x3 convolutions, a global depthwise conv, fused
+  BatchNorm + PReLU): same embeddings and parameter gradients with XLA's kernels and XLA:CPU's."""
+  rng = np.random.default_rng(9)
+  images = jnp.asarray(rng.uniform(-1, 1, size=(4, 112, 112, 3)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(4, 512)), jnp.float32)
+  results = {}
+  for kernel_set in ('xla', 'xla_cpu'):
+    model = models.create_model('tiny', kernel_set=kernel_set)  # the set is part of the module
+    variables = model.init(jax.random.key(0), images[:1], train=False)
+
+    def embed(params, images, model=model, variables=variables):
+      out, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
+                           train=True, mutable=['batch_stats'])
+      return out
+
+    out, vjp = jax.vjp(jax.jit(embed), variables['params'], images)
+    results[kernel_set] = out, vjp(cotangent)[0]
+  np.testing.assert_allclose(results['xla_cpu'][0], results['xla'][0], rtol=1e-4, atol=1e-5)
+  for want, got in zip(jax.tree.leaves(results['xla'][1]), jax.tree.leaves(results['xla_cpu'][1])):
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
 
 
 def test_prelu_matches_numpy_and_starts_at_quarter():
@@ -259,14 +288,12 @@ def test_batchnorm_equals_flax_batchnorm_in_value_statistics_and_gradient(dtype)
                                rtol=tolerance, atol=tolerance)
 
 
-@pytest.mark.parametrize('images_per_chunk', [None, 2])
-def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu(monkeypatch, images_per_chunk):
-  """None: the whole batch in one chunk; 2: the backward's sums loop over chunks of 2 images of
+@pytest.mark.parametrize('images_per_chunk', [5, 2])
+def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu(images_per_chunk):
+  """5: the whole batch in one chunk; 2: the backward's sums loop over chunks of 2 images of
   the batch of 5 (two in the loop, one after it)."""
   rng = np.random.default_rng(5)
   x = jnp.asarray(rng.normal(0.5, 2.0, size=(5, 5, 5, 6)), jnp.float32)
-  if images_per_chunk:
-    monkeypatch.setattr(convolutions, 'CHUNK_BYTES', images_per_chunk * x[0].nbytes)
   multiplier = jnp.asarray(rng.uniform(0.5, 1.5, 6), jnp.float32)
   shift = jnp.asarray(rng.normal(size=6), jnp.float32)
   slope = jnp.asarray(rng.uniform(0.1, 0.4, 6), jnp.float32)
@@ -277,12 +304,20 @@ def test_affine_prelu_equals_autodiff_of_batchnorm_then_prelu(monkeypatch, image
     return jnp.maximum(y, 0) + slope * jnp.minimum(y, 0)
 
   expected, expected_vjp = jax.vjp(reference, x, multiplier, shift, slope)
-  actual, actual_vjp = jax.vjp(layers.affine_prelu, x, multiplier, shift, slope)
+  fused = functools.partial(batchnorm_prelu.affine_prelu, images_per_chunk=images_per_chunk)
+  actual, actual_vjp = jax.vjp(fused, x, multiplier, shift, slope)
   np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
   for want, got in zip(expected_vjp(cotangent), actual_vjp(cotangent)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   jaxpr = str(jax.make_jaxpr(actual_vjp)(cotangent))
-  assert (' scan[' in jaxpr or ' while[' in jaxpr) == bool(images_per_chunk)
+  assert (' scan[' in jaxpr or ' while[' in jaxpr) == (images_per_chunk < len(x))
+
+
+def test_cpu_kernels_size_the_batchnorm_prelu_chunks_to_the_cache():
+  x = jnp.zeros((64, 56, 56, 128), jnp.float32)  # 1.6 MB per image
+  assert kernels.chunking.images_per_chunk(x) == 1
+  assert kernels.chunking.images_per_chunk(x[:, :28, :28]) == 2  # 401 KB per image
+  assert kernels.chunking.images_per_chunk(x[:, :7, :7, :8]) == 668  # more than the batch
 
 
 def test_conv_block_fused_batchnorm_prelu_equals_separate_layers():
@@ -348,7 +383,7 @@ CONV_CASES = [  # (kernel, stride, padding, input size, in channels, out channel
 
 
 @pytest.mark.parametrize('k,stride,pad,size,cin,cout', CONV_CASES)
-def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size, cin, cout):
+def test_conv_kernels_agree_with_numpy_in_value_and_gradient(k, stride, pad, size, cin, cout):
   rng = np.random.default_rng(k * 1000 + stride * 100 + pad * 10 + size)
   x = rng.normal(size=(2, size, size, cin)).astype(np.float32)
   kernel = rng.normal(size=(k, k, cin, cout)).astype(np.float32)
@@ -380,47 +415,17 @@ def test_conv_impls_agree_with_numpy_in_value_and_gradient(k, stride, pad, size,
     np.testing.assert_allclose(grad_x, results['lax'][1][0], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def test_cpu_compile_options_leave_convolutions_and_dots_to_xla():
-  """XLA:CPU (jaxlib 0.10.2) hands convolutions and dots to YNNPACK unless told not to; the
-  models' compile options keep them XLA's own (same values) and give YNNPACK the reductions."""
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(2, 14, 14, 32)), jnp.float32)  # big enough for YNNPACK
-  kernel = jnp.asarray(rng.normal(size=(3, 3, 32, 32)), jnp.float32)
-  conv = functools.partial(convolutions.conv2d_lax, strides=(1, 1), padding=((1, 1), (1, 1)))
-  xla_default = jax.jit(conv).lower(x, kernel).compile()
-  ours = jax.jit(conv, compiler_options=models.compiler_options()).lower(x, kernel).compile()
-  assert lib.library_fused_convolutions(xla_default.as_text()) == 1, (
-      'XLA:CPU no longer sends convolutions to YNNPACK by default: revisit compiler_options')
-  assert lib.library_fused_convolutions(ours.as_text()) == 0
-  assert ' convolution(' in ours.as_text()
-  np.testing.assert_allclose(ours(x, kernel), conv_numpy(np.asarray(x), np.asarray(kernel), 1, 1),
-                             rtol=1e-5, atol=1e-4)  # sums of 288 products of magnitude ~1
-
-  def library_fused(fn, *args, **jit_options):
-    return '__ynn_fusion' in jax.jit(fn, **jit_options).lower(*args).compile().as_text()
-
-  rows, weights = x.reshape(-1, 32), kernel[0, 0]
-  assert library_fused(jnp.matmul, rows, weights), (
-      'XLA:CPU no longer sends dots to YNNPACK by default: revisit compiler_options')
-  assert not library_fused(jnp.matmul, rows, weights, compiler_options=models.compiler_options())
-  channel_sums = functools.partial(jnp.sum, axis=(0, 1, 2))
-  assert library_fused(channel_sums, x, compiler_options=models.compiler_options())
-  assert models.compiler_options('gpu') == {}
-
-
 def test_conv2d_reads_flax_conv_parameters():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 3)), jnp.float32)
   flax_conv = nn.Conv(5, (3, 3), strides=2, padding=((1, 1), (1, 1)), use_bias=False)
   variables = flax_conv.init(jax.random.key(0), x)
   expected = flax_conv.apply(variables, x)
-  for impl in ('lax', 'gemm'):
-    conv = layers.Conv2D(5, (3, 3), strides=2, padding=1, impl=impl)
-    assert jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x)) == \
-        jax.tree.map(jnp.shape, variables)
-    np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
-  assert convolutions.resolve_conv_impl('auto') == 'gemm'  # tests run on CPU
-  with pytest.raises(ValueError, match='lax, gemm'):
-    convolutions.resolve_conv_impl('cudnn')
+  conv = layers.Conv2D(5, (3, 3), strides=2, padding=1)
+  for kernel_set in ('xla', 'xla_cpu'):  # eagerly: a jit would reuse the trace of the other set
+    with kernels.use(kernel_set):
+      assert jax.tree.map(jnp.shape, conv.init(jax.random.key(0), x)) == \
+          jax.tree.map(jnp.shape, variables)
+      np.testing.assert_allclose(conv.apply(variables, x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('in_c,depth', [(16, 32), (32, 32)])
@@ -520,6 +525,8 @@ def test_create_model_rejects_bad_names_options_and_shapes():
     models.create_model('mobilefacenet', dropout_rate=0.1)
   with pytest.raises(ValueError, match='depthwise_impl'):
     models.create_model('mobilefacenet', depthwise_impl='fast')
+  with pytest.raises(ValueError, match='kernel_set'):
+    models.create_model('mobilefacenet', kernel_set='fast')
   model = models.create_model('ir50', dropout_rate=0.2, embedding_size=128)
   assert isinstance(model, nn.Module) and model.dropout_rate == 0.2
   with pytest.raises(ValueError, match='112'):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 import train_testlib as lib
-from multiface_jax import checkpointing, train
+from multiface_jax.training import checkpointing, loop, trainer
 
 OVERRIDES = {'num_train_steps': 100_000, 'checkpoint_every_steps': 100_000,
              'log_every_steps': 2, 'eval_every_steps': 2, 'optimizer.lr': 0.01,
@@ -56,14 +56,14 @@ def test_two_processes_agree_match_one_process_and_stop_together(tmp_path):
 
   config = lib.tiny_config(**{**overrides, 'eval_during_training': False,
                               'num_train_steps': stopped_at})
-  state = train.train_and_evaluate(config, str(tmp_path / 'single'))
+  state = loop.train_and_evaluate(config, str(tmp_path / 'single'))
   single = lib.flat_variables(state.params, state.batch_stats)
   lib.assert_close_trees(process0, single, rtol=1e-4, atol=1e-4, what='2 processes vs 1')
 
   # The checkpoint both processes wrote together restores onto this single device.
   assert [int(s) for s in checkpointing.latest_step_dir(workdir).split('/')[-1:]] == [stopped_at]
   manager = checkpointing.create_checkpoint_manager(workdir, max_to_keep=1, read_only=True)
-  restored, meta = checkpointing.restore_latest(manager, train.Trainer(config).abstract_state)
+  restored, meta = checkpointing.restore_latest(manager, trainer.Trainer(config).abstract_state)
   manager.close()
   assert meta['num_processes'] == 2 and meta['step'] == stopped_at and len(jax.devices()) == 1
   lib.assert_close_trees(lib.flat_variables(restored.params, restored.batch_stats), process0,

@@ -1,13 +1,15 @@
 """Optimiser: weight-decay groups, torch-style SGD, schedules, step plans, gradient accumulation."""
 import jax
 import jax.numpy as jnp
-import ml_collections
+
 import numpy as np
 import optax
 import pytest
 
 from configs import default
-from multiface_jax import heads, models, optim
+from multiface_jax import heads, models
+from multiface_jax.training import optim
+from multiface_jax.training import schedule as schedules
 
 
 def _opt_config(**overrides):
@@ -18,7 +20,7 @@ def _opt_config(**overrides):
 
 
 def _plan(total=100, warmup=0, boundaries=(), spe=10, eval_every=0):
-  return optim.StepPlan(steps_per_epoch=spe, total_steps=total, warmup_steps=warmup,
+  return schedules.StepPlan(steps_per_epoch=spe, total_steps=total, warmup_steps=warmup,
                         boundaries=tuple(boundaries), eval_every=eval_every)
 
 
@@ -124,7 +126,7 @@ def test_steps_equal_torch_sgd_with_weight_decay_groups():
   params = _toy_tree(rng)
   grads = [_toy_tree(rng) for _ in range(3)]
   config = _opt_config(lr=0.1, boundaries_steps=(2,), decay_factor=0.1)
-  lr_fn = optim.create_learning_rate_fn(config, _plan(total=10, boundaries=(2,)))
+  lr_fn = schedules.create_learning_rate_fn(config, _plan(total=10, boundaries=(2,)))
   groups = optim.param_groups(params, TOY_BATCH_STATS, embedding_layer='linear')
   tx = optim.create_optimizer(config, lr_fn, groups)
   state = tx.init(params)
@@ -145,7 +147,7 @@ def test_gradient_accumulation_averages_then_updates_once():
   params = _toy_tree(rng)
   grads = [_toy_tree(rng) for _ in range(4)]
   config = _opt_config(lr=0.1)
-  lr_fn = optim.create_learning_rate_fn(config, _plan(total=10, boundaries=(2,)))
+  lr_fn = schedules.create_learning_rate_fn(config, _plan(total=10, boundaries=(2,)))
   groups = optim.param_groups(params, TOY_BATCH_STATS, embedding_layer='linear')
   tx = optim.create_optimizer(config, lr_fn, groups, grad_accum_steps=2)
   state = tx.init(params)
@@ -170,7 +172,7 @@ def test_gradient_accumulation_averages_then_updates_once():
 def test_plan_converts_epochs_to_steps_in_one_place():
   config = default.get_config()
   config.batch_size = 10
-  plan = optim.plan_steps(config, num_images=1005)
+  plan = schedules.plan_steps(config, num_images=1005)
   assert plan.steps_per_epoch == 100  # the partial last batch is dropped
   assert plan.total_steps == 2000 and plan.boundaries == (1200, 1500, 1800)
   assert plan.warmup_steps == 0 and plan.eval_every == 10  # ten evaluations per epoch
@@ -178,20 +180,20 @@ def test_plan_converts_epochs_to_steps_in_one_place():
   config.optimizer.warmup_epochs = 0.5
   config.optimizer.boundaries_steps = (5, 9)
   config.eval_every_steps = 0
-  plan = optim.plan_steps(config, num_images=1005)
+  plan = schedules.plan_steps(config, num_images=1005)
   assert (plan.total_steps, plan.warmup_steps, plan.boundaries, plan.eval_every) == (77, 50,
                                                                                      (5, 9), 0)
   config.optimizer.warmup_steps = 3
-  assert optim.plan_steps(config, num_images=1005).warmup_steps == 3
+  assert schedules.plan_steps(config, num_images=1005).warmup_steps == 3
   with pytest.raises(ValueError, match='fewer than one global batch'):
-    optim.plan_steps(config, num_images=9)
+    schedules.plan_steps(config, num_images=9)
 
 
 def test_step_schedule_drops_at_the_first_step_of_epochs_12_15_18():
   config = default.get_config()
   config.batch_size = 10
-  plan = optim.plan_steps(config, num_images=1000)
-  lr_fn = optim.create_learning_rate_fn(config.optimizer, plan)
+  plan = schedules.plan_steps(config, num_images=1000)
+  lr_fn = schedules.create_learning_rate_fn(config.optimizer, plan)
   lrs = {s: float(lr_fn(s)) for s in (0, 1199, 1200, 1499, 1500, 1800, 1999)}
   assert lrs[0] == pytest.approx(0.05) and lrs[1199] == pytest.approx(0.05)
   assert lrs[1200] == pytest.approx(0.005) and lrs[1499] == pytest.approx(0.005)
@@ -202,7 +204,7 @@ def test_step_schedule_drops_at_the_first_step_of_epochs_12_15_18():
 @pytest.mark.parametrize('schedule,mid', [('cosine', 0.5), ('poly', 0.25), ('constant', 1.0)])
 def test_warmup_then_decay(schedule, mid):
   config = _opt_config(lr=2.0, schedule=schedule, end_lr=0.0, poly_power=2.0)
-  lr_fn = optim.create_learning_rate_fn(config, _plan(total=110, warmup=10))
+  lr_fn = schedules.create_learning_rate_fn(config, _plan(total=110, warmup=10))
   assert float(lr_fn(0)) == pytest.approx(0.2)  # (0 + 1) / 10 of the peak
   assert float(lr_fn(9)) == pytest.approx(2.0)
   assert float(lr_fn(10)) == pytest.approx(2.0)
@@ -212,4 +214,4 @@ def test_warmup_then_decay(schedule, mid):
 
 def test_unknown_schedule_is_an_error():
   with pytest.raises(ValueError, match='schedule'):
-    optim.create_learning_rate_fn(_opt_config(schedule='linear'), _plan())
+    schedules.create_learning_rate_fn(_opt_config(schedule='linear'), _plan())

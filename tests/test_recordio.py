@@ -15,6 +15,7 @@ import pytest
 
 from multiface_jax.data import emore
 from multiface_jax.data import recordio
+from multiface_jax.data import recordio_writer
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 EMORE = os.path.join(DATA, 'emore')
@@ -112,7 +113,7 @@ def test_unknown_key_names_the_key_and_the_fix():
 
 def test_non_contiguous_keys_and_duplicates(tmp_path):
   rec, idx = tmp_path / 'x.rec', tmp_path / 'x.idx'
-  with recordio.RecordIOWriter(rec, idx) as writer:
+  with recordio_writer.RecordIOWriter(rec, idx) as writer:
     for key, data in ((10, b'ten'), (3, b'three'), (7, b'seven'), (3, b'three again')):
       writer.write_idx(key, data)
   with recordio.RecordIOReader(rec, idx) as reader:
@@ -171,7 +172,7 @@ def test_truncated_last_record(emore_copy):
 
 def test_truncated_inside_chunk_header(tmp_path):
   rec = tmp_path / 'x.rec'
-  with recordio.RecordIOWriter(rec) as writer:
+  with recordio_writer.RecordIOWriter(rec) as writer:
     writer.write(b'abcd')
   rec.write_bytes(rec.read_bytes() + MAGIC)  # a header cut after 4 of its 8 bytes
   with pytest.raises(recordio.RecordIOError, match=r'offset 12: file ends at byte 16 inside'):
@@ -228,7 +229,7 @@ def test_missing_files(tmp_path):
 def test_writer_is_byte_identical_to_mxnet(tmp_path, mxnet_readback):
   with recordio.RecordIOReader(REC, IDX) as reader:
     records = [(key, reader.read(key)) for key in reader.keys()]
-  with recordio.RecordIOWriter(tmp_path / 'train.rec', tmp_path / 'train.idx') as writer:
+  with recordio_writer.RecordIOWriter(tmp_path / 'train.rec', tmp_path / 'train.idx') as writer:
     for key, record in records:
       writer.write_idx(key, record)
   ours_rec = (tmp_path / 'train.rec').read_bytes()
@@ -259,7 +260,7 @@ def test_writer_is_byte_identical_to_mxnet(tmp_path, mxnet_readback):
      + b'z\0\0\0'),
 ], ids=['empty', 'padding', 'unaligned_magic', 'one_split', 'only_magic', 'two_splits'])
 def test_writer_chunks_by_hand(tmp_path, record, expected):
-  with recordio.RecordIOWriter(tmp_path / 'x.rec') as writer:
+  with recordio_writer.RecordIOWriter(tmp_path / 'x.rec') as writer:
     writer.write(record)
     assert writer.tell() == len(expected)
   assert (tmp_path / 'x.rec').read_bytes() == expected
@@ -268,7 +269,7 @@ def test_writer_chunks_by_hand(tmp_path, record, expected):
 
 
 def test_writer_refuses_huge_records(tmp_path):
-  with recordio.RecordIOWriter(tmp_path / 'x.rec') as writer:
+  with recordio_writer.RecordIOWriter(tmp_path / 'x.rec') as writer:
     with pytest.raises(ValueError, match='2\\*\\*29'):
       writer.write(bytes(recordio.MAX_RECORD_BYTES))
     with pytest.raises(ValueError, match='idx_path'):
@@ -276,10 +277,10 @@ def test_writer_refuses_huge_records(tmp_path):
 
 
 def test_pack_and_unpack_by_hand():
-  assert recordio.pack(recordio.IRHeader(0, 3.0, 7, 9), b'img') == (
+  assert recordio_writer.pack(recordio.IRHeader(0, 3.0, 7, 9), b'img') == (
       struct.pack('<IfQQ', 0, 3.0, 7, 9) + b'img')
   # A vector label: flag = its length, the header's label field 0, the labels after the header.
-  packed = recordio.pack((5, [17, 21.5], 0, 1), b'')
+  packed = recordio_writer.pack((5, [17, 21.5], 0, 1), b'')
   assert packed == struct.pack('<IfQQff', 2, 0.0, 0, 1, 17.0, 21.5)
   header, payload = recordio.unpack(packed)
   assert header.flag == 2 and payload == b''
@@ -324,7 +325,7 @@ def test_emore_label_out_of_range(emore_copy):
 
 def _write_folder(path, records, property_text='3,112,112\n'):
   path.mkdir()
-  with recordio.RecordIOWriter(path / 'train.rec', path / 'train.idx') as writer:
+  with recordio_writer.RecordIOWriter(path / 'train.rec', path / 'train.idx') as writer:
     for key, record in enumerate(records):
       writer.write_idx(key, record)
   (path / 'property').write_text(property_text)
@@ -335,10 +336,10 @@ def test_emore_payload_not_an_image(tmp_path):
   jpeg = b'\xff\xd8\xff\xe0' + bytes(20)
   png = b'\x89PNG\r\n\x1a\n' + bytes(20)
   folder = emore.EmoreFolder(_write_folder(tmp_path / 'e', [
-      recordio.pack((0, [4, 4], 0, 0), b''),
-      recordio.pack((0, 0.0, 1, 0), jpeg),
-      recordio.pack((0, 2.0, 2, 0), png),
-      recordio.pack((0, 1.0, 3, 0), b'GIF89a not accepted'),
+      recordio_writer.pack((0, [4, 4], 0, 0), b''),
+      recordio_writer.pack((0, 0.0, 1, 0), jpeg),
+      recordio_writer.pack((0, 2.0, 2, 0), png),
+      recordio_writer.pack((0, 1.0, 3, 0), b'GIF89a not accepted'),
   ]))
   assert folder.read_image(1) == (0, jpeg)
   assert folder.read_image(2) == (2, png)
@@ -350,7 +351,7 @@ def test_emore_payload_not_an_image(tmp_path):
 def test_emore_without_header_record(tmp_path):
   jpeg = b'\xff\xd8\xff\xe0'
   folder = emore.EmoreFolder(_write_folder(
-      tmp_path / 'e', [recordio.pack((0, float(k % 3), k, 0), jpeg) for k in range(5)]))
+      tmp_path / 'e', [recordio_writer.pack((0, float(k % 3), k, 0), jpeg) for k in range(5)]))
   assert list(folder.image_keys) == [0, 1, 2, 3, 4]
   assert len(folder.identity_keys) == 0
   assert [folder.read_image(k)[0] for k in folder.image_keys] == [0, 1, 2, 0, 1]
@@ -358,8 +359,8 @@ def test_emore_without_header_record(tmp_path):
 
 def test_emore_vector_labels_use_the_first_entry(tmp_path):
   folder = emore.EmoreFolder(_write_folder(tmp_path / 'e', [
-      recordio.pack((0, [2, 2], 0, 0), b''),
-      recordio.pack((0, [1.0, 0.5], 1, 0), b'\xff\xd8\xff'),
+      recordio_writer.pack((0, [2, 2], 0, 0), b''),
+      recordio_writer.pack((0, [1.0, 0.5], 1, 0), b'\xff\xd8\xff'),
   ]))
   assert folder.read_image(1) == (1, b'\xff\xd8\xff')
 

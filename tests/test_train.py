@@ -3,7 +3,6 @@
 One reference run (4 steps, checkpoints at 2 and 4, evaluation at the end) is shared: resume,
 NaN, evaluation and the 8-device run are all checked against it.
 """
-import functools
 import json
 import os
 import shutil
@@ -13,13 +12,13 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 import train_testlib as lib
-from multiface_jax import checkpointing, parallel, train
+from multiface_jax.data import synthetic
+from multiface_jax.training import checkpointing, evaluate, loop, sharding, trainer
 
 
 @pytest.fixture(scope='module')
@@ -32,17 +31,17 @@ def reference(tfrecords, tmp_path_factory):
   """A 4-step run on 1 device: (config, workdir, final variables as flat numpy)."""
   config = lib.tiny_config(data_dir=tfrecords, **lib.REAL_DATA_OVERRIDES)
   workdir = str(tmp_path_factory.mktemp('reference'))
-  state = train.train_and_evaluate(config, workdir)
+  state = loop.train_and_evaluate(config, workdir)
   assert int(state.step) == 4
   return config, workdir, lib.flat_variables(state.params, state.batch_stats)
 
 
 def _restore(config, workdir):
   """(state, meta) of the newest checkpoint of `workdir`, restored onto this process's mesh."""
-  trainer = train.Trainer(config)
+  run = trainer.Trainer(config)
   manager = checkpointing.create_checkpoint_manager(workdir, max_to_keep=10, read_only=True)
   try:
-    return checkpointing.restore_latest(manager, trainer.abstract_state)
+    return checkpointing.restore_latest(manager, run.abstract_state)
   finally:
     manager.close()
 
@@ -50,21 +49,6 @@ def _restore(config, workdir):
 def _steps_on_disk(workdir):
   directory = checkpointing.checkpoint_dir(workdir)
   return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
-
-
-def test_train_step_compiles_with_the_models_compile_options(tfrecords):
-  """On CPU the step's convolutions are XLA's own, not YNNPACK's (models.compiler_options)."""
-  trainer = train.Trainer(lib.tiny_config(data_dir=tfrecords, **lib.REAL_DATA_OVERRIDES))
-  batch_size, (height, width) = trainer.config.batch_size, trainer.facts.image_size
-  batch = {'image': jax.ShapeDtypeStruct((batch_size, height, width, 3), jnp.uint8),
-           'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-  text = trainer.train_step.lower(trainer.abstract_state, batch).compile().as_text()
-  assert ' convolution(' in text and lib.library_fused_convolutions(text) == 0
-  # The same step jitted with XLA's defaults gives some of them to YNNPACK.
-  plain = jax.jit(functools.partial(train.train_step, model=trainer.model, head=trainer.head,
-                                    tx=trainer.tx, mesh=trainer.mesh), donate_argnums=0)
-  plain_text = plain.lower(trainer.abstract_state, batch).compile().as_text()
-  assert lib.library_fused_convolutions(plain_text) > 0
 
 
 def test_end_to_end_run_writes_checkpoints_metrics_and_evaluation(reference):
@@ -95,7 +79,7 @@ def test_resume_after_a_kill_gives_the_parameters_of_an_uninterrupted_run(refere
   (ckpt / '3.orbax-checkpoint-tmp-1234').mkdir()
   config = lib.tiny_config(data_dir=config.data_dir, eval_during_training=False,
                            **lib.REAL_DATA_OVERRIDES)
-  state = train.train_and_evaluate(config, str(resumed))
+  state = loop.train_and_evaluate(config, str(resumed))
   assert int(state.step) == 4
   got = lib.flat_variables(state.params, state.batch_stats)
   # Same data order, same dropout keys, same updates: bit-identical on the same device.
@@ -115,7 +99,7 @@ def test_non_finite_loss_stops_with_the_step_range_and_keeps_good_checkpoints(re
                               'checkpoint_every_steps': 1, 'log_every_steps': 3,
                               'keep_checkpoints': 100})
   with pytest.raises(FloatingPointError, match=r'between steps (\d+) and (\d+)') as error:
-    train.train_and_evaluate(config, str(run))
+    loop.train_and_evaluate(config, str(run))
   message = str(error.value)
   steps = _steps_on_disk(str(run))
   first_bad = int(message.split('first seen at step ')[1].split(')')[0])
@@ -130,11 +114,11 @@ def test_non_finite_loss_stops_with_the_step_range_and_keeps_good_checkpoints(re
 
 
 def _restore_step(config, workdir, step):
-  trainer = train.Trainer(config)
+  run = trainer.Trainer(config)
   manager = checkpointing.create_checkpoint_manager(workdir, max_to_keep=100, read_only=True)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(trainer.abstract_state)))
+        state=ocp.args.StandardRestore(run.abstract_state)))
     return restored['state']
   finally:
     manager.close()
@@ -142,7 +126,7 @@ def _restore_step(config, workdir, step):
 
 def test_eval_mode_restores_the_latest_checkpoint_or_imported_weights(reference, tmp_path):
   config, workdir, _ = reference
-  from_run = train.evaluate(config, workdir)
+  from_run = evaluate.evaluate(config, workdir)
   with open(os.path.join(workdir, 'eval', 'results_step4.json')) as f:
     during_training = json.load(f)['results']
   assert from_run['pairs20']['accuracy_mean'] == during_training['pairs20']['accuracy_mean']
@@ -153,26 +137,26 @@ def test_eval_mode_restores_the_latest_checkpoint_or_imported_weights(reference,
   checkpointer.save(weights, {'params': state.params['backbone'],
                               'batch_stats': state.batch_stats})
   checkpointer.wait_until_finished()
-  from_weights = train.evaluate(config, str(tmp_path / 'eval_run'), checkpoint=str(weights))
+  from_weights = evaluate.evaluate(config, str(tmp_path / 'eval_run'), checkpoint=str(weights))
   assert from_weights['pairs20']['accuracy_mean'] == from_run['pairs20']['accuracy_mean']
   assert from_weights['pairs20']['xnorm'] == pytest.approx(from_run['pairs20']['xnorm'])
   # Fine-tuning from imported weights: the backbone is theirs, the head is new.
   finetune = lib.tiny_config(**{**lib.REAL_DATA_OVERRIDES, 'data_dir': config.data_dir,
                                 'init_checkpoint': str(weights)})
-  fresh = train.Trainer(finetune).fresh_state()
+  fresh = trainer.Trainer(finetune).fresh_state()
   lib.assert_close_trees(lib.flat_variables(fresh.params['backbone'], fresh.batch_stats),
                          lib.flat_variables(state.params['backbone'], state.batch_stats),
                          rtol=0, atol=0, what='init_checkpoint backbone')
   assert int(fresh.step) == 0
   assert not np.allclose(fresh.params['head']['kernel'], state.params['head']['kernel'])
   with pytest.raises(FileNotFoundError, match='no checkpoint'):
-    train.evaluate(config, str(tmp_path / 'empty'))
+    evaluate.evaluate(config, str(tmp_path / 'empty'))
   with pytest.raises(FileNotFoundError, match='no checkpoint there'):
-    train.evaluate(config, workdir, checkpoint=str(tmp_path / 'missing'))
-  wrong = lib.tiny_config(data_dir=config.data_dir, **{'model.options.depthwise_impl': 'lax'})
+    evaluate.evaluate(config, workdir, checkpoint=str(tmp_path / 'missing'))
+  wrong = lib.tiny_config(data_dir=config.data_dir)
   wrong.model.name = 'mobilefacenet'
   with pytest.raises(ValueError, match='do not fit the configured backbone'):
-    train.evaluate(wrong, workdir)
+    evaluate.evaluate(wrong, workdir)
 
 
 def test_eight_devices_with_a_class_sharded_head_match_one_device(reference, tmp_path):
@@ -228,27 +212,27 @@ def test_sigterm_saves_a_restorable_checkpoint_and_exits_cleanly(tmp_path):
 
 def test_synthetic_batches_do_not_depend_on_the_process_layout():
   common = dict(num_classes=5, image_size=(4, 4), seed=3)
-  whole = train.synthetic_batches(8, **common, start_step=1)
-  halves = [train.synthetic_batches(8, **common, start_step=1, process_index=i, process_count=2)
+  whole = synthetic.synthetic_batches(8, **common, start_step=1)
+  halves = [synthetic.synthetic_batches(8, **common, start_step=1, process_index=i, process_count=2)
             for i in range(2)]
   for _ in range(5):  # wraps around the 4 distinct batches
     expected = next(whole)
     parts = [next(h) for h in halves]
     for key in ('image', 'label'):
       np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), expected[key])
-  restarted = train.synthetic_batches(8, **common, start_step=6)
+  restarted = synthetic.synthetic_batches(8, **common, start_step=6)
   np.testing.assert_array_equal(next(restarted)['image'], next(whole)['image'])
 
 
 def test_mesh_and_batch_errors_name_the_fix():
   with pytest.raises(ValueError, match='model_axis_size=2 must be >= 1 and divide the 1 devices'):
-    parallel.create_mesh(2)
-  mesh = parallel.create_mesh(1)
-  assert parallel.check_batch_size(8, mesh) == 8
+    sharding.create_mesh(2)
+  mesh = sharding.create_mesh(1)
+  assert sharding.check_batch_size(8, mesh) == 8
   abstract = {'head': {'kernel': jax.ShapeDtypeStruct((2, 4, 7), np.float32)}}
-  sharding = parallel.state_shardings(mesh, abstract)['head']['kernel']
-  assert sharding.spec == jax.sharding.PartitionSpec()  # no model axis: replicated
+  layout = sharding.state_shardings(mesh, abstract)['head']['kernel']
+  assert layout.spec == jax.sharding.PartitionSpec()  # no model axis: replicated
   # 7 classes cannot be split over a model axis of 2 (shape-only mesh: no devices needed).
   two_way = jax.sharding.AbstractMesh((1, 2), ('data', 'model'))
   with pytest.raises(ValueError, match=r'7 classes.*model_axis_size=2.*\[1, 7\]'):
-    parallel.state_shardings(two_way, abstract)
+    sharding.state_shardings(two_way, abstract)

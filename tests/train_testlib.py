@@ -40,7 +40,7 @@ def tiny_config(**overrides):
 
 def library_fused_convolutions(hlo_text: str) -> int:
   """How many of XLA:CPU's library fusions (YNNPACK / XNNPACK) in an optimised HLO module's text
-  compute a convolution (see ``models.compiler_options``)."""
+  compute a convolution (see ``models.kernels.XLA_CPU_FLAGS``)."""
   bodies = dict(re.findall(r'^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}', hlo_text, re.S | re.M))
   count = 0
   for line in hlo_text.splitlines():

@@ -37,12 +37,12 @@ def main(spec_path):
   from absl import logging  # pylint: disable=import-outside-toplevel
   logging.set_verbosity(logging.WARNING)  # as main.py: no per-save Orbax INFO lines
   from configs import tiny  # pylint: disable=import-outside-toplevel
-  from multiface_jax import train  # pylint: disable=import-outside-toplevel
+  from multiface_jax.training import loop  # pylint: disable=import-outside-toplevel
 
   for run in spec['runs']:
     config = tiny.get_config()
     config.update_from_flattened_dict(run.get('overrides', {}))
-    state = train.train_and_evaluate(config, run['workdir'])
+    state = loop.train_and_evaluate(config, run['workdir'])
     flat = {jax.tree_util.keystr(path): _local_value(leaf)
             for path, leaf in jax.tree_util.tree_flatten_with_path(
                 {'params': state.params, 'batch_stats': state.batch_stats})[0]}

@@ -24,7 +24,7 @@ What it writes:
   tests/data/mxnet_readback.json: per record (idx order) the key, offset, header, sha256 of the
     record and of the payload, mxnet's decoded shape and per-channel means; the records in file
     order; the chunk flags found in the file; the .bin as mxnet decodes it; and whether real
-    mxnet reads back what multiface_jax.data.recordio.RecordIOWriter writes.
+    mxnet reads back what multiface_jax.data.recordio_writer.RecordIOWriter writes.
 """
 import argparse
 import hashlib
@@ -44,7 +44,7 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from multiface_jax.data import recordio  # pylint: disable=g-import-not-at-top  (numpy only)
+from multiface_jax.data import recordio_writer  # pylint: disable=g-import-not-at-top  (numpy only)
 
 NUM_IDENTITIES = 4
 IMAGES_PER_IDENTITY = 4
@@ -221,7 +221,7 @@ def check_our_writer(written, extra_records):
     for name, records in (('emore', written), ('magic_stress', extra_records)):
       ours = os.path.join(tmp, f'{name}_ours')
       theirs = os.path.join(tmp, f'{name}_mxnet')
-      with recordio.RecordIOWriter(ours + '.rec', ours + '.idx') as writer:
+      with recordio_writer.RecordIOWriter(ours + '.rec', ours + '.idx') as writer:
         for key, record in records:
           writer.write_idx(key, record)
       mx_writer = mx.recordio.MXIndexedRecordIO(theirs + '.idx', theirs + '.rec', 'w')

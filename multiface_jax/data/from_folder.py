@@ -27,6 +27,7 @@ from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
 from multiface_jax.data import recordio
+from multiface_jax.data import recordio_writer
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
@@ -140,9 +141,9 @@ def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
   identity_ranges = []
   # Record 0 needs the image count, known only at the end: write a placeholder of the same size
   # (two float labels) now and overwrite it in place once the count is known.
-  placeholder = recordio.pack(recordio.IRHeader(0, (0.0, 0.0), 0, 0), b'')
+  placeholder = recordio_writer.pack(recordio.IRHeader(0, (0.0, 0.0), 0, 0), b'')
   key = 1
-  with recordio.RecordIOWriter(tmp['train.rec'], tmp['train.idx']) as writer, \
+  with recordio_writer.RecordIOWriter(tmp['train.rec'], tmp['train.idx']) as writer, \
       concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     writer.write_idx(0, placeholder)
     for label, identity_dir in enumerate(identity_dirs):
@@ -153,7 +154,7 @@ def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
         if encoded is None:
           skipped.append(path)
           continue
-        writer.write_idx(key, recordio.pack(recordio.IRHeader(0, float(label), key, 0), encoded))
+        writer.write_idx(key, recordio_writer.pack(recordio.IRHeader(0, float(label), key, 0), encoded))
         key += 1
       if key == first:
         raise ValueError(f'identity folder {identity_dir} (label {label}) has no image PIL can '
@@ -165,11 +166,11 @@ def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
                        'labels, exact only up to 2**24; split the identities into several '
                        'folders')
     for first, end in identity_ranges:
-      writer.write_idx(key, recordio.pack(recordio.IRHeader(0, (first, end), key, 0), b''))
+      writer.write_idx(key, recordio_writer.pack(recordio.IRHeader(0, (first, end), key, 0), b''))
       key += 1
-  header = recordio.pack(recordio.IRHeader(0, (num_images + 1, key), 0, 0), b'')
-  framed = recordio.frame(header)
-  assert len(framed) == len(recordio.frame(placeholder))
+  header = recordio_writer.pack(recordio.IRHeader(0, (num_images + 1, key), 0, 0), b'')
+  framed = recordio_writer.frame(header)
+  assert len(framed) == len(recordio_writer.frame(placeholder))
   with open(tmp['train.rec'], 'r+b') as f:
     f.write(framed)
   with open(tmp['property'], 'w', encoding='ascii') as f:

@@ -8,11 +8,10 @@ them back between the parts. The `.idx` file holds text lines `key\\toffset` (of
 that starts the record). A record's payload starts with an `IRHeader` (`<IfQQ`), followed by
 `flag` float32 labels when flag > 0, then the user bytes (an encoded image in emore).
 
-This module only needs numpy; the writer reproduces dmlc's output byte for byte.
+This module reads; ``recordio_writer`` writes. Both need only numpy.
 """
 import collections
 import mmap
-import numbers
 import operator
 import os
 import struct
@@ -54,7 +53,7 @@ class RecordIOError(ValueError):
     return type(self), (self.path, self.where, self.reason)
 
 
-def _align4(n):
+def align4(n):
   return (n + 3) & ~3
 
 
@@ -84,62 +83,6 @@ def unpack(record):
     label = np.frombuffer(record, dtype='<f4', count=flag, offset=start).astype(np.float32)
     start = end
   return IRHeader(flag, label, id1, id2), bytes(record[start:])
-
-
-def pack(header, payload):
-  """Builds a record payload from an IRHeader and bytes, exactly like `mxnet.recordio.pack`.
-
-  Args:
-    header: IRHeader (or a 4-tuple). A number label gives flag 0; a sequence/array label gives
-      flag = its size, the header label field 0, and the labels as float32 before the payload.
-    payload: bytes (an encoded image).
-
-  Returns:
-    bytes.
-  """
-  header = IRHeader(*header)
-  if isinstance(header.label, numbers.Number):
-    flag, label, prefix = 0, float(header.label), b''
-  else:
-    labels = np.asarray(header.label, dtype='<f4').ravel()
-    flag, label, prefix = labels.size, 0.0, labels.tobytes()
-  return _IR_HEADER.pack(flag, label, header.id, header.id2) + prefix + bytes(payload)
-
-
-def frame(record, path='record'):
-  """Returns the bytes dmlc's writer puts in a `.rec` for `record` (chunks, split, padding).
-
-  Args:
-    record: bytes of one logical record.
-    path: names the destination in the error message.
-
-  Raises:
-    ValueError: the record is 2**29 bytes or longer.
-  """
-  raw = bytes(record)
-  size = len(raw)
-  if size >= MAX_RECORD_BYTES:
-    raise ValueError(f'{path}: a RecordIO record must be shorter than 2**29 bytes, got {size}')
-  data = memoryview(raw)
-  chunks = []
-  part_start = search = 0
-  while True:
-    # dmlc checks every 4-byte-aligned word of the payload; find() skips to candidates fast.
-    i = raw.find(_MAGIC_BYTES, search)
-    if i < 0:
-      break
-    if i % 4:
-      search = i + 1
-      continue
-    cflag = 1 if part_start == 0 else 2
-    chunks.append(_CHUNK_HEADER.pack(MAGIC, (cflag << 29) | (i - part_start)))
-    chunks.append(data[part_start:i])
-    part_start = search = i + 4
-  cflag = 3 if part_start else 0
-  chunks.append(_CHUNK_HEADER.pack(MAGIC, (cflag << 29) | (size - part_start)))
-  chunks.append(data[part_start:])
-  chunks.append(b'\0' * (_align4(size) - size))
-  return b''.join(chunks)
 
 
 class RecordIOReader:
@@ -301,7 +244,7 @@ class RecordIOReader:
     if offset + _CHUNK_HEADER.size <= self._size:
       magic, lrec = _CHUNK_HEADER.unpack_from(self._data, offset)
       start = offset + _CHUNK_HEADER.size
-      if magic == MAGIC and lrec >> 29 == 0 and start + _align4(lrec) <= self._size:
+      if magic == MAGIC and lrec >> 29 == 0 and start + align4(lrec) <= self._size:
         return self._data[start:start + lrec]
     record, _ = self.read_at(offset, where=f'key {key} (offset {offset})')
     return record
@@ -354,7 +297,7 @@ class RecordIOReader:
                           'it (idx_path=None)')
     length = lrec & _LENGTH_MASK
     start = pos + _CHUNK_HEADER.size
-    end = start + _align4(length)
+    end = start + align4(length)
     if end > self._size:
       raise RecordIOError(self.rec_path, where,
                           f'chunk at offset {pos} needs bytes up to {end} but the file has '
@@ -377,57 +320,3 @@ class RecordIOReader:
     while pos < self._size:
       record, pos = self.read_at(pos)
       yield record
-
-
-class RecordIOWriter:
-  """Writes a `.rec` (and optionally a `.idx`) that mxnet/dmlc read; byte-identical to dmlc's."""
-
-  def __init__(self, rec_path, idx_path=None):
-    """Creates (truncates) the files.
-
-    Args:
-      rec_path: the `.rec` to write.
-      idx_path: the `.idx` to write, or None; needed for `write_idx`.
-    """
-    self.rec_path = os.fspath(rec_path)
-    self.idx_path = None if idx_path is None else os.fspath(idx_path)
-    self._rec = open(self.rec_path, 'wb')
-    self._idx = None if self.idx_path is None else open(self.idx_path, 'w', encoding='ascii')
-    self._pos = 0
-
-  def tell(self):
-    """Returns the offset at which the next record will start."""
-    return self._pos
-
-  def write(self, record):
-    """Appends one record, split at aligned magic numbers like dmlc's RecordIOWriter.
-
-    Args:
-      record: bytes (for image records, the output of `pack`).
-
-    Raises:
-      ValueError: the record is 2**29 bytes or longer.
-    """
-    out = frame(record, self.rec_path)
-    self._rec.write(out)
-    self._pos += len(out)
-
-  def write_idx(self, key, record):
-    """Appends `record` and a `key\\toffset` line to the `.idx` (mxnet's write_idx)."""
-    if self._idx is None:
-      raise ValueError(f'{self.rec_path}: write_idx needs a RecordIOWriter opened with idx_path')
-    offset = self._pos
-    self.write(record)
-    self._idx.write(f'{key}\t{offset}\n')
-
-  def close(self):
-    """Flushes and closes the files."""
-    self._rec.close()
-    if self._idx is not None:
-      self._idx.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()

@@ -7,7 +7,8 @@ reference does them, so that distances (and hence accuracies) match it to the la
 
 The batch has one fixed size: the last partial batch is zero-padded (its padding rows dropped
 afterwards), so the network compiles once per set of shapes. With a mesh the batch is split over
-the ``data`` axis.
+the ``data`` axis. On CPU the network runs over chunks of a few images at a time
+(``models.kernels.apply_in_chunks``).
 """
 from __future__ import annotations
 
@@ -20,49 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from multiface_jax.models import compiler_options, normalize_images
+from multiface_jax.models import kernels, normalize_images
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-
-# On CPU the network runs over a batch in chunks of about this many images per device, one chunk
-# after another, so that a chunk's activations stay in the caches from one layer to the next.
-# Measured (2 cores, images/s, interleaved in one process): MobileFaceNet, batch 64, whole batch
-# 114, chunks of 8 173, of 4 163, of 2 132, of 1 106; IR-SE50, batch 32 (compute-bound): 8.1
-# whole, 8.2 in chunks of 8.
-CPU_IMAGES_PER_CHUNK = 8
-
-
-def apply_in_chunks(apply_fn: ApplyFn, variables: Any, images: jax.Array, *,
-                    data_devices: int = 1) -> jax.Array:
-  """``apply_fn(variables, images)`` of an eval-mode network, on CPU one chunk of images at a time.
-
-  Chunk s holds images s, s + S, s + 2S, ... of the batch (S chunks), so a batch sharded over
-  `data_devices` devices gives every chunk the same share of each device's images and stays
-  sharded. S is the largest divisor of the per-device batch that leaves at least
-  `CPU_IMAGES_PER_CHUNK` images per device in a chunk; where that is 1, and off CPU, the whole
-  batch goes through at once. The images must not interact (no batch statistics).
-
-  Args:
-    apply_fn: ``apply_fn(variables, images) -> (B, ...)``.
-    variables: its variables.
-    images: (B, ...) batch, B a multiple of `data_devices`.
-    data_devices: devices the batch is split over.
-
-  Returns:
-    ``apply_fn(variables, images)``, the same up to float rounding.
-  """
-  batch = images.shape[0]
-  per_device = batch // data_devices
-  if jax.default_backend() != 'cpu' or per_device * data_devices != batch:
-    return apply_fn(variables, images)
-  steps = next(s for s in range(max(1, per_device // CPU_IMAGES_PER_CHUNK), 0, -1)
-               if per_device % s == 0)
-  if steps == 1:
-    return apply_fn(variables, images)
-  chunks = images.reshape(batch // steps, steps, *images.shape[1:]).swapaxes(0, 1)
-  out = jax.lax.map(lambda chunk: apply_fn(variables, chunk), chunks)
-  return out.swapaxes(0, 1).reshape(batch, *out.shape[2:])
 
 
 def _embed_views(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array, flip: bool,
@@ -71,16 +32,12 @@ def _embed_views(apply_fn: ApplyFn, variables: Any, images_uint8: jax.Array, fli
   images = normalize_images(images_uint8)
   views = (images, images[:, :, ::-1, :]) if flip else (images,)
   return jnp.stack([
-      apply_in_chunks(apply_fn, variables, view, data_devices=data_devices).astype(jnp.float32)
+      kernels.apply_in_chunks(apply_fn, variables, view, data_devices=data_devices)
+      .astype(jnp.float32)
       for view in views])
 
 
-@functools.cache
-def _raw_embeddings() -> Callable[..., jax.Array]:
-  """`_embed_views` jitted with the models' compile options for the default backend (built on
-  first use, not at import, so that importing does not start a backend)."""
-  return jax.jit(_embed_views, static_argnames=('apply_fn', 'flip', 'data_devices'),
-                 compiler_options=compiler_options())
+_raw_embeddings = jax.jit(_embed_views, static_argnames=('apply_fn', 'flip', 'data_devices'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +136,7 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
     if valid < batch_size:
       padding = np.zeros((batch_size - valid,) + batch.shape[1:], np.uint8)
       batch = np.concatenate([batch, padding])
-    pending.append((_raw_embeddings()(apply_fn, variables, put(batch), flip=flip,
+    pending.append((_raw_embeddings(apply_fn, variables, put(batch), flip=flip,
                                       data_devices=data_size), valid))
   raw = np.concatenate([np.asarray(out)[:, :valid] for out, valid in pending], axis=1)
   raw = raw.astype(np.float64)  # (views, n, D)

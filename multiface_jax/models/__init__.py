@@ -1,4 +1,4 @@
-"""Face-embedding backbones: `create_model(name, **options)` and the input normalisation.
+"""Face-embedding backbones: `create_model(name, ...)` and the input normalisation.
 
 Every model maps float NHWC images (B, 112, 112, 3), normalised by :func:`normalize_images`, to
 float32 (B, embedding_size) embeddings of unit L2 norm::
@@ -8,6 +8,9 @@ float32 (B, embedding_size) embeddings of unit L2 norm::
   emb = model.apply(variables, images, train=False)
   emb, updates = model.apply(variables, images, train=True, mutable=['batch_stats'],
                              rngs={'dropout': key})
+
+How the layers compute (XLA's kernels, or the ones written for XLA:CPU) is chosen by the backend
+when the network is traced (:mod:`multiface_jax.models.kernels`); parameters never depend on it.
 """
 import functools
 from typing import Any
@@ -17,8 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from multiface_jax.models.iresnet import UNITS_BY_DEPTH, IResNet
-from multiface_jax.models.convolutions import DEPTHWISE_IMPLS, compiler_options
-from multiface_jax.models.layers import DepthwiseConv2D
+from multiface_jax.models.kernels import KERNEL_SETS
 from multiface_jax.models.mobilefacenet import MobileFaceNet
 from multiface_jax.models.tiny import TinyFaceNet
 
@@ -29,7 +31,7 @@ MODEL_NAMES = ('mobilefacenet', *_IR_VARIANTS)
 
 
 def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 512,
-                 **options: Any) -> nn.Module:
+                 kernel_set: str = 'auto', **options: Any) -> nn.Module:
   """Builds a backbone by name.
 
   Args:
@@ -37,8 +39,8 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
     dtype: compute dtype (params stay float32; the embedding's BatchNorm and L2 normalisation run
       in float32).
     embedding_size: size of the output embedding.
-    **options: backbone-specific: ``depthwise_impl`` ('auto' | 'lax' | 'shifted', MobileFaceNet),
-      ``dropout_rate`` (default 0.6, IR / IR-SE).
+    kernel_set: 'auto' (by backend), 'xla' or 'xla_cpu' (see :mod:`multiface_jax.models.kernels`).
+    **options: backbone-specific: ``dropout_rate`` (default 0.6, IR / IR-SE).
 
   Returns:
     An unbound ``flax.linen.Module``; call it as ``model.apply(variables, images, train=...)``.
@@ -47,9 +49,9 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
     ValueError: unknown name or an option the backbone does not take.
   """
   if name == 'mobilefacenet':
-    allowed, factory = {'depthwise_impl'}, MobileFaceNet
+    allowed, factory = set(), MobileFaceNet
   elif name == 'tiny':  # tests and smoke runs only; not an architecture of the original
-    allowed, factory = {'depthwise_impl'}, TinyFaceNet
+    allowed, factory = set(), TinyFaceNet
   elif name in _IR_VARIANTS:
     depth, use_se = _IR_VARIANTS[name]
     allowed = {'dropout_rate'}
@@ -59,11 +61,10 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
   unknown = set(options) - allowed
   if unknown:
     raise ValueError(f'Model {name!r} does not take option(s) {sorted(unknown)}; '
-                     f'it takes dtype, embedding_size and {sorted(allowed)}.')
-  if 'depthwise_impl' in options and options['depthwise_impl'] not in DEPTHWISE_IMPLS:
-    raise ValueError(f'Unknown depthwise_impl {options["depthwise_impl"]!r}; '
-                     f'valid: {", ".join(DEPTHWISE_IMPLS)}.')
-  return factory(dtype=dtype, embedding_size=embedding_size, **options)
+                     f'it takes dtype, embedding_size, kernel_set and {sorted(allowed)}.')
+  if kernel_set not in KERNEL_SETS:
+    raise ValueError(f'Unknown kernel_set {kernel_set!r}; valid: {", ".join(KERNEL_SETS)}.')
+  return factory(dtype=dtype, embedding_size=embedding_size, kernel_set=kernel_set, **options)
 
 
 def normalize_images(images_uint8: jax.Array) -> jax.Array:
@@ -79,5 +80,5 @@ def normalize_images(images_uint8: jax.Array) -> jax.Array:
   return (x / 255.0 - 0.5) / 0.5
 
 
-__all__ = ['MODEL_NAMES', 'create_model', 'normalize_images', 'compiler_options', 'MobileFaceNet',
-           'IResNet', 'DepthwiseConv2D', 'DEPTHWISE_IMPLS', 'UNITS_BY_DEPTH']
+__all__ = ['MODEL_NAMES', 'KERNEL_SETS', 'create_model', 'normalize_images', 'MobileFaceNet',
+           'IResNet', 'TinyFaceNet', 'UNITS_BY_DEPTH']

@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from multiface_jax.models import layers
+from multiface_jax.models import kernels, layers
 
 INPUT_SIZE = 112
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -53,13 +53,11 @@ class IRResidual(nn.Module):
   depth: int
   strides: int
   use_se: bool
-  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv = functools.partial(layers.Conv2D, self.depth, (3, 3), padding=1, impl=self.conv_impl,
-                             dtype=self.dtype)
+    conv = functools.partial(layers.Conv2D, self.depth, (3, 3), padding=1, dtype=self.dtype)
     bn = functools.partial(layers.BatchNorm, use_running_average=not train, dtype=self.dtype)
     x = bn(name='bn1')(x)
     x = conv(strides=1, name='conv1')(x)
@@ -67,8 +65,7 @@ class IRResidual(nn.Module):
     x = conv(strides=self.strides, name='conv2')(x)
     x = bn(name='bn2')(x)
     if self.use_se:
-      x = layers.SqueezeExcite(reduction=16, conv_impl=self.conv_impl, dtype=self.dtype,
-                               name='se')(x)
+      x = layers.SqueezeExcite(reduction=16, dtype=self.dtype, name='se')(x)
     return x
 
 
@@ -81,7 +78,6 @@ class IRUnit(nn.Module):
   depth: int
   strides: int
   use_se: bool
-  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -90,10 +86,9 @@ class IRUnit(nn.Module):
       shortcut = x[:, ::self.strides, ::self.strides, :]
     else:
       shortcut = layers.ConvBlock(self.depth, (1, 1), self.strides, activation=False,
-                                  conv_impl=self.conv_impl, dtype=self.dtype,
-                                  name='shortcut_layer')(x, train)
-    residual = IRResidual(self.depth, self.strides, self.use_se, conv_impl=self.conv_impl,
-                          dtype=self.dtype, name='res_layer')(x, train)
+                                  dtype=self.dtype, name='shortcut_layer')(x, train)
+    residual = IRResidual(self.depth, self.strides, self.use_se, dtype=self.dtype,
+                          name='res_layer')(x, train)
     return residual + shortcut
 
 
@@ -122,14 +117,14 @@ class IResNet(nn.Module):
     use_se: squeeze-and-excitation in every unit.
     embedding_size: size of the output embedding.
     dropout_rate: dropout before the output Linear, active only when ``train``.
-    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
+    kernel_set: kernel set of the whole network (:mod:`multiface_jax.models.kernels`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   num_units: Sequence[int]
   use_se: bool = True
   embedding_size: int = 512
   dropout_rate: float = 0.6
-  conv_impl: str = 'auto'
+  kernel_set: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -149,14 +144,15 @@ class IResNet(nn.Module):
                        f'{images.shape}: the output Linear is sized for a 7x7 map.')
     if len(self.num_units) != len(STAGE_WIDTHS):
       raise ValueError(f'num_units needs {len(STAGE_WIDTHS)} stages, got {self.num_units}.')
-    x = layers.ConvBlock(64, (3, 3), 1, padding=1, conv_impl=self.conv_impl, dtype=self.dtype,
-                         name='input_layer')(images, train)
-    index = 0
-    for width, units in zip(STAGE_WIDTHS, self.num_units):
-      for unit in range(units):
-        x = IRUnit(width, 2 if unit == 0 else 1, self.use_se, conv_impl=self.conv_impl,
-                   dtype=self.dtype, name=f'body_{index}')(x, train)
-        index += 1
-    x = OutputLayer(self.embedding_size, self.dropout_rate, dtype=self.dtype,
-                    name='output_layer')(x, train)
-    return layers.l2_normalize(x)
+    with kernels.use(self.kernel_set):
+      x = layers.ConvBlock(64, (3, 3), 1, padding=1, dtype=self.dtype,
+                           name='input_layer')(images, train)
+      index = 0
+      for width, units in zip(STAGE_WIDTHS, self.num_units):
+        for unit in range(units):
+          x = IRUnit(width, 2 if unit == 0 else 1, self.use_se, dtype=self.dtype,
+                     name=f'body_{index}')(x, train)
+          index += 1
+      x = OutputLayer(self.embedding_size, self.dropout_rate, dtype=self.dtype,
+                      name='output_layer')(x, train)
+      return layers.l2_normalize(x)

@@ -1,33 +1,41 @@
-"""Building blocks shared by the backbones (NHWC, PyTorch conventions of the original).
+"""Building blocks shared by the backbones (NHWC, the PyTorch conventions of the original).
 
 Conventions of the original: convolutions have no bias, BatchNorm uses eps 1e-5 and PyTorch
 momentum 0.1 (Flax momentum 0.9), PReLU has one learnable slope per channel initialised at 0.25,
 and a 3x3 convolution pads 1 pixel on every side (explicit ``((1, 1), (1, 1))``: Flax's ``'SAME'``
 pads a stride-2 convolution of an even input on the bottom/right only, which PyTorch never does).
 
-Parameters are float32; ``dtype`` is the compute dtype.
-
-Both convolutions live behind a module with a swappable implementation (:mod:`convolutions`),
-so that speed can be tuned per backend without touching the backbones or the checkpoints:
-:class:`DepthwiseConv2D` ('lax' | 'shifted', kernel ``(kh, kw, 1, C)``, the layout of Flax's
-grouped ``nn.Conv`` kernel) and :class:`Conv2D` ('lax' | 'gemm', kernel ``(kh, kw, Cin, Cout)``
-like ``nn.Conv``); ``'auto'`` picks the CPU implementations on CPU and XLA's elsewhere.
-
-:class:`ConvBlock` applies BatchNorm and PReLU as one operation (:func:`affine_prelu`, on every
-backend): the BatchNorm statistics give a per-channel ``x * a + b``, and PReLU of that has a
-written-out backward that keeps only the convolution's output. The variables stay those of
-separate ``bn`` and ``prelu`` layers.
+Parameters are float32; ``dtype`` is the compute dtype. The convolutions and the fused BatchNorm +
+PReLU of :class:`ConvBlock` run through :mod:`multiface_jax.models.kernels`, which picks their
+implementation; the variables are those of Flax's layers (``kernel`` of ``nn.Conv``, separate
+``bn`` and ``prelu`` children).
 """
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from multiface_jax.models import convolutions
-from multiface_jax.models.convolutions import Padding
+from multiface_jax.models import kernels
 
 Dtype = Any
+Padding = Union[str, int, Sequence[tuple[int, int]]]
+
+
+def explicit_padding(padding: Padding, ndim: int = 2) -> tuple[tuple[int, int], ...]:
+  """Turns 'VALID', an int or per-dimension (lo, hi) pairs into explicit pairs."""
+  if isinstance(padding, str):
+    if padding.upper() != 'VALID':
+      raise ValueError(f"Only 'VALID' or explicit padding is supported, got {padding!r}: "
+                       "'SAME' differs from PyTorch for strided convolutions.")
+    return ((0, 0),) * ndim
+  if isinstance(padding, int):
+    return ((padding, padding),) * ndim
+  pairs = tuple((int(lo), int(hi)) for lo, hi in padding)
+  if len(pairs) != ndim:
+    raise ValueError(f'Expected {ndim} (lo, hi) padding pairs, got {padding!r}.')
+  return pairs
+
 
 class DepthwiseConv2D(nn.Module):
   """Depthwise 2-D convolution without bias (one kh x kw filter per input channel).
@@ -36,15 +44,12 @@ class DepthwiseConv2D(nn.Module):
     kernel_size: (kh, kw).
     strides: (sh, sw) or an int.
     padding: 'VALID', an int (symmetric) or ((top, bottom), (left, right)).
-    impl: 'auto', 'lax' or 'shifted' (see :func:`convolutions.resolve_depthwise_impl`); all
-      read the same ``kernel`` param of shape (kh, kw, 1, C).
     dtype: compute dtype.
     param_dtype: dtype of the kernel.
   """
   kernel_size: tuple[int, int]
   strides: Union[int, tuple[int, int]] = 1
   padding: Padding = 0
-  impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -55,23 +60,20 @@ class DepthwiseConv2D(nn.Module):
     channels = x.shape[-1]
     kernel = self.param('kernel', self.kernel_init, (kh, kw, 1, channels), self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    fn = convolutions.DEPTHWISE_FNS[convolutions.resolve_depthwise_impl(self.impl)]
-    return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
-              convolutions.explicit_padding(self.padding))
+    return kernels.depthwise_conv2d(x.astype(self.dtype), kernel.astype(self.dtype), strides,
+                                    explicit_padding(self.padding))
 
 
 class Conv2D(nn.Module):
-  """Dense 2-D convolution without bias, NHWC, with a swappable implementation.
+  """Dense 2-D convolution without bias, NHWC.
 
-  Reads the same ``kernel`` param (kh, kw, Cin, Cout) as ``flax.linen.Conv(use_bias=False)``, so
-  checkpoints and imported weights do not depend on the implementation.
+  Reads the same ``kernel`` param (kh, kw, Cin, Cout) as ``flax.linen.Conv(use_bias=False)``.
 
   Attributes:
     features: output channels.
     kernel_size: (kh, kw).
     strides: (sh, sw) or an int.
     padding: 'VALID', an int (symmetric) or ((top, bottom), (left, right)).
-    impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
     dtype: compute dtype.
     param_dtype: dtype of the kernel.
   """
@@ -79,7 +81,6 @@ class Conv2D(nn.Module):
   kernel_size: tuple[int, int] = (1, 1)
   strides: Union[int, tuple[int, int]] = 1
   padding: Padding = 0
-  impl: str = 'auto'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Any = nn.initializers.lecun_normal()
@@ -90,9 +91,8 @@ class Conv2D(nn.Module):
     kernel = self.param('kernel', self.kernel_init, (kh, kw, x.shape[-1], self.features),
                         self.param_dtype)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
-    fn = convolutions.CONV_FNS[convolutions.resolve_conv_impl(self.impl)]
-    return fn(x.astype(self.dtype), kernel.astype(self.dtype), strides,
-              convolutions.explicit_padding(self.padding))
+    return kernels.conv2d(x.astype(self.dtype), kernel.astype(self.dtype), strides,
+                          explicit_padding(self.padding))
 
 
 class BatchNorm(nn.Module):
@@ -104,8 +104,8 @@ class BatchNorm(nn.Module):
 
   Why not Flax's ``(x - mean) * a + bias``: for that form autodiff keeps ``x - mean`` for the
   backward pass, one extra tensor written and read per layer; ``x * a + b`` needs only ``x``,
-  which the previous layer already wrote (a whole MobileFaceNet forward+backward measured 16%
-  faster on CPU). Mathematically identical; the rounding differs by ~|mean| / std ulps.
+  which the previous layer already wrote. Mathematically identical; the rounding differs by
+  ~|mean| / std ulps.
 
   Attributes:
     use_running_average: normalise with the running statistics (eval) instead of the batch's.
@@ -153,59 +153,12 @@ class BatchNorm(nn.Module):
     return (x.astype(jnp.float32) * multiplier + shift).astype(out_dtype)
 
 
-@jax.custom_vjp
-def affine_prelu(x: jax.Array, multiplier: jax.Array, shift: jax.Array,
-                 slope: jax.Array) -> jax.Array:
-  """PReLU(x * multiplier + shift) with per-channel (last axis) float32 vectors; BatchNorm + PReLU.
-
-  Computed in float32, returned in the dtype of `x`. The backward pass is written out so that it
-  keeps only `x` (autodiff of the two layers keeps both the BatchNorm output and `x`) and
-  recomputes ``x * multiplier + shift`` inside its fused loops: a BatchNorm + PReLU pair
-  measured 2x faster forward+backward on a (64, 28, 28, 128) map on CPU.
-  """
-  y = x.astype(jnp.float32) * multiplier + shift
-  return jnp.where(y >= 0, y, slope.astype(jnp.float32) * y).astype(x.dtype)
-
-
-def _affine_prelu_fwd(x, multiplier, shift, slope):
-  return affine_prelu(x, multiplier, shift, slope), (x, multiplier, shift, slope)
-
-
-def _affine_prelu_bwd(residuals, grad_out):
-  x, multiplier, shift, slope = residuals
-  axes = tuple(range(x.ndim - 1))
-  slope32 = slope.astype(jnp.float32)
-
-  def recomputed(x, grad_out):
-    x32 = x.astype(jnp.float32)
-    y = x32 * multiplier + shift
-    negative = y < 0
-    grad_out = grad_out.astype(jnp.float32)
-    return x32, y, negative, grad_out, jnp.where(negative, slope32 * grad_out, grad_out)
-
-  def sums(x, grad_out):  # (3, C): the gradients of multiplier, shift and slope
-    x32, y, negative, grad_out, grad_y = recomputed(x, grad_out)
-    return jnp.stack([jnp.sum(grad_y * x32, axes), jnp.sum(grad_y, axes),
-                      jnp.sum(jnp.where(negative, y * grad_out, 0.0), axes)])
-
-  # The three sums over a chunk of images at a time, the chunk in cache (XLA:CPU reads the
-  # whole of x and grad_out from memory once per sum otherwise); the input gradient in one pass.
-  grad_multiplier, grad_shift, grad_slope = convolutions.sum_over_image_chunks(
-      sums, convolutions.images_per_chunk(x), x, grad_out)
-  grad_y = recomputed(x, grad_out)[-1]
-  return ((grad_y * multiplier).astype(x.dtype), grad_multiplier, grad_shift,
-          grad_slope.astype(slope.dtype))
-
-
-affine_prelu.defvjp(_affine_prelu_fwd, _affine_prelu_bwd)
-
-
 class PReLU(nn.Module):
   """PReLU with one learnable slope per channel (last axis), initialised at 0.25.
 
   Param: ``negative_slope`` (C,), PyTorch's ``prelu.weight``. Called with ``affine=(multiplier,
   shift)`` (e.g. :meth:`BatchNorm.affine`), it applies PReLU to ``x * multiplier + shift`` as one
-  fused operation (:func:`affine_prelu`).
+  fused operation (``kernels.batchnorm_then_prelu``).
   """
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -218,7 +171,7 @@ class PReLU(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x = x.astype(self.dtype)
     if affine is not None:
-      return affine_prelu(x, *affine, slope)
+      return kernels.batchnorm_then_prelu(x, *affine, slope)
     return jnp.where(x >= 0, x, slope.astype(self.dtype) * x)
 
 
@@ -235,8 +188,6 @@ class ConvBlock(nn.Module):
     padding: 'VALID', an int or explicit pairs (PyTorch-style symmetric padding).
     depthwise: one filter per channel instead of a dense convolution.
     activation: apply PReLU after BatchNorm (Conv_block) or not (Linear_block).
-    depthwise_impl: implementation of the depthwise convolution.
-    conv_impl: implementation of the dense convolution.
     dtype: compute dtype.
   """
   features: int
@@ -245,18 +196,16 @@ class ConvBlock(nn.Module):
   padding: Padding = 0
   depthwise: bool = False
   activation: bool = True
-  depthwise_impl: str = 'auto'
-  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     if self.depthwise:
-      x = DepthwiseConv2D(self.kernel_size, self.strides, self.padding, impl=self.depthwise_impl,
-                          dtype=self.dtype, name='conv')(x)
+      x = DepthwiseConv2D(self.kernel_size, self.strides, self.padding, dtype=self.dtype,
+                          name='conv')(x)
     else:
-      x = Conv2D(self.features, self.kernel_size, self.strides, self.padding,
-                 impl=self.conv_impl, dtype=self.dtype, name='conv')(x)
+      x = Conv2D(self.features, self.kernel_size, self.strides, self.padding, dtype=self.dtype,
+                 name='conv')(x)
     bn = BatchNorm(use_running_average=not train, dtype=self.dtype, name='bn')
     if self.activation:
       return PReLU(dtype=self.dtype, name='prelu')(x, affine=bn.affine(x))
@@ -270,17 +219,15 @@ class SqueezeExcite(nn.Module):
   Children: ``fc1``, ``fc2`` (1x1 :class:`Conv2D`), as in the original's SEModule.
   """
   reduction: int = 16
-  conv_impl: str = 'auto'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
     gate = jnp.mean(x, axis=(1, 2), keepdims=True)
-    gate = Conv2D(channels // self.reduction, impl=self.conv_impl, dtype=self.dtype,
-                  name='fc1')(gate)
+    gate = Conv2D(channels // self.reduction, dtype=self.dtype, name='fc1')(gate)
     gate = nn.relu(gate)
-    gate = Conv2D(channels, impl=self.conv_impl, dtype=self.dtype, name='fc2')(gate)
+    gate = Conv2D(channels, dtype=self.dtype, name='fc2')(gate)
     return x * nn.sigmoid(gate)
 
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from multiface_jax.models import layers
+from multiface_jax.models import kernels, layers
 
 INPUT_SIZE = 112
 
@@ -45,23 +45,18 @@ class DepthWise(nn.Module):
     expansion: channels of the expanded (depthwise) stage, the original's ``groups``.
     strides: stride of the depthwise convolution.
     residual: add the input to the output (requires strides 1 and equal channels).
-    depthwise_impl: implementation of the depthwise convolution.
-    conv_impl: implementation of the 1x1 convolutions.
     dtype: compute dtype.
   """
   features: int
   expansion: int
   strides: int = 1
   residual: bool = False
-  depthwise_impl: str = 'auto'
-  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     shortcut = x
-    block = functools.partial(layers.ConvBlock, depthwise_impl=self.depthwise_impl,
-                              conv_impl=self.conv_impl, dtype=self.dtype)
+    block = functools.partial(layers.ConvBlock, dtype=self.dtype)
     x = block(self.expansion, name='conv')(x, train)
     x = block(self.expansion, (3, 3), self.strides, padding=1, depthwise=True,
               name='conv_dw')(x, train)
@@ -75,16 +70,13 @@ class ResidualStack(nn.Module):
   """`num_blocks` residual :class:`DepthWise` blocks at constant width; children ``block_{i}``."""
   num_blocks: int
   expansion: int
-  depthwise_impl: str = 'auto'
-  conv_impl: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_blocks):
-      x = DepthWise(x.shape[-1], self.expansion, residual=True,
-                    depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl,
-                    dtype=self.dtype, name=f'block_{i}')(x, train)
+      x = DepthWise(x.shape[-1], self.expansion, residual=True, dtype=self.dtype,
+                    name=f'block_{i}')(x, train)
     return x
 
 
@@ -93,13 +85,11 @@ class MobileFaceNet(nn.Module):
 
   Attributes:
     embedding_size: size of the output embedding.
-    depthwise_impl: 'auto', 'lax' or 'shifted' (see :func:`convolutions.resolve_depthwise_impl`).
-    conv_impl: 'auto', 'lax' or 'gemm' (see :func:`convolutions.resolve_conv_impl`).
+    kernel_set: kernel set of the whole network (:mod:`multiface_jax.models.kernels`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   embedding_size: int = 512
-  depthwise_impl: str = 'auto'
-  conv_impl: str = 'auto'
+  kernel_set: str = 'auto'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -116,25 +106,25 @@ class MobileFaceNet(nn.Module):
     if images.ndim != 4 or images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
       raise ValueError(f'MobileFaceNet expects (B, {INPUT_SIZE}, {INPUT_SIZE}, C) images, got '
                        f'{images.shape}: the 7x7 global depthwise conv fixes the input size.')
-    common = dict(depthwise_impl=self.depthwise_impl, conv_impl=self.conv_impl, dtype=self.dtype)
-    block = functools.partial(layers.ConvBlock, **common)
-    depthwise = functools.partial(DepthWise, **common)
-    stack = functools.partial(ResidualStack, **common)
+    with kernels.use(self.kernel_set):
+      block = functools.partial(layers.ConvBlock, dtype=self.dtype)
+      depthwise = functools.partial(DepthWise, dtype=self.dtype)
+      stack = functools.partial(ResidualStack, dtype=self.dtype)
 
-    x = block(64, (3, 3), 2, padding=1, name='conv1')(images, train)
-    x = block(64, (3, 3), 1, padding=1, depthwise=True, name='conv2_dw')(x, train)
-    x = depthwise(64, 128, strides=2, name='conv_23')(x, train)
-    x = stack(4, 128, name='conv_3')(x, train)
-    x = depthwise(128, 256, strides=2, name='conv_34')(x, train)
-    x = stack(6, 256, name='conv_4')(x, train)
-    x = depthwise(128, 512, strides=2, name='conv_45')(x, train)
-    x = stack(2, 256, name='conv_5')(x, train)
-    x = block(512, name='conv_6_sep')(x, train)
-    x = block(512, (7, 7), 1, padding='VALID', depthwise=True, activation=False,
-              name='conv_6_dw')(x, train)
-    x = x.reshape(x.shape[0], -1)
-    x = nn.Dense(self.embedding_size, use_bias=False, dtype=self.dtype, name='linear')(x)
-    # The embedding's BatchNorm and the normalisation run in float32 whatever the compute dtype.
-    x = layers.BatchNorm(use_running_average=not train, dtype=jnp.float32,
-                         name='bn')(x.astype(jnp.float32))
-    return layers.l2_normalize(x)
+      x = block(64, (3, 3), 2, padding=1, name='conv1')(images, train)
+      x = block(64, (3, 3), 1, padding=1, depthwise=True, name='conv2_dw')(x, train)
+      x = depthwise(64, 128, strides=2, name='conv_23')(x, train)
+      x = stack(4, 128, name='conv_3')(x, train)
+      x = depthwise(128, 256, strides=2, name='conv_34')(x, train)
+      x = stack(6, 256, name='conv_4')(x, train)
+      x = depthwise(128, 512, strides=2, name='conv_45')(x, train)
+      x = stack(2, 256, name='conv_5')(x, train)
+      x = block(512, name='conv_6_sep')(x, train)
+      x = block(512, (7, 7), 1, padding='VALID', depthwise=True, activation=False,
+                name='conv_6_dw')(x, train)
+      x = x.reshape(x.shape[0], -1)
+      x = nn.Dense(self.embedding_size, use_bias=False, dtype=self.dtype, name='linear')(x)
+      # The embedding's BatchNorm and the normalisation run in float32 whatever the compute dtype.
+      x = layers.BatchNorm(use_running_average=not train, dtype=jnp.float32,
+                           name='bn')(x.astype(jnp.float32))
+      return layers.l2_normalize(x)

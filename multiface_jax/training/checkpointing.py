@@ -86,14 +86,10 @@ def restore_latest(manager: ocp.CheckpointManager,
 
 
 def latest_step_dir(workdir: str) -> Optional[str]:
-  """Path of the newest complete step folder of a run, or None."""
+  """Path of the newest complete (finalized) step folder of a run, or None."""
   directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    return None
-  manager = create_checkpoint_manager(workdir, max_to_keep=1, read_only=True)
-  step = manager.latest_step()
-  manager.close()
-  return None if step is None else os.path.join(directory, str(step))
+  steps = ocp.path.step.checkpoint_steps(directory) if os.path.isdir(directory) else []
+  return os.path.join(directory, str(max(steps))) if steps else None
 
 
 def load_backbone_variables(path: str, abstract_variables: Mapping[str, Any]) -> dict[str, Any]:

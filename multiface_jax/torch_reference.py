@@ -1,16 +1,14 @@
 """PyTorch reference backbones of the original MultiFace / TreB1eN code, for parity tests and benches.
 
-Written from the project's REFERENCE notes (section 3), with the original's module and attribute
+Written from the architectures in docs/original.md, with the original's module and attribute
 names so that ``state_dict()`` keys are the original's (``conv1.conv.weight``,
 ``conv_3.model.0.conv.conv.weight``, ``body.3.res_layer.5.fc1.weight``, ``output_layer.3.weight`` ...).
-NCHW, and the original's weights expect **BGR** input.
+NCHW, and the original's weights expect **BGR** input::
 
-Importable from outside the test suite (bench/ scripts) with ``sys.path.insert(0, 'tests')``::
-
-    from torch_reference import create_torch_model
+    from multiface_jax.torch_reference import create_torch_model
     model = create_torch_model('ir_se50', embedding_size=512).eval()
 
-torch is an optional dependency: importing this module requires it.
+torch is an optional dependency (requirements-torch.txt): importing this module requires it.
 """
 import torch
 from torch import nn

@@ -269,38 +269,12 @@ def _numpy_batches(ds, description, paths, num_classes):
     yield batch
 
 
-def create_synthetic_iter(batch_size, *, num_classes, image_size=(112, 112), seed=0,
-                          num_distinct_batches=4):
-  """Yields random batches made once and cycled: the training step's speed without any I/O.
-
-  Args:
-    batch_size: images per batch.
-    num_classes: labels are uniform in [0, num_classes).
-    image_size: (height, width).
-    seed: numpy seed for the pixels and labels.
-    num_distinct_batches: how many different batches are cycled.
-
-  Returns:
-    An infinite iterator of {'image': uint8 (B, h, w, 3), 'label': int32 (B,)}.
-  """
-  rng = np.random.default_rng(seed)
-  pool = [{'image': rng.integers(0, 256, (batch_size, *image_size, 3), dtype=np.uint8),
-           'label': rng.integers(0, num_classes, (batch_size,), dtype=np.int32)}
-          for _ in range(num_distinct_batches)]
-  step = 0
-  while True:
-    yield pool[step % num_distinct_batches]
-    step += 1
-
-
 def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, process_index=0,
-                      process_count=1, synthetic=False, num_parallel_calls=AUTOTUNE,
-                      shuffle_buffer_size=16_384, num_classes=None):
+                      process_count=1, num_parallel_calls=AUTOTUNE, shuffle_buffer_size=16_384):
   """Iterator of numpy training (or evaluation) batches from a converted TFRecord folder.
 
   Args:
-    data_dir: folder with train-*.tfrecord and metadata.json (from `data.convert`); may be None
-      when synthetic.
+    data_dir: folder with train-*.tfrecord and metadata.json (from `data.convert`).
     batch_size: examples per batch of this process.
     seed: non-negative int; with the process layout it fixes the whole example order and flips.
     train: True: shuffled, flipped, repeated forever, remainder dropped. False: one pass over
@@ -308,10 +282,8 @@ def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, p
     start_step: training resumes here: the first batch is batch `start_step` of the
       uninterrupted stream.
     process_index, process_count: this process reads shards[process_index::process_count].
-    synthetic: yield random batches made once (no files, no decoding), for throughput tests.
     num_parallel_calls: parallel decodes (tf.data.AUTOTUNE, or 1 to use one core).
     shuffle_buffer_size: records held by the per-epoch shuffle buffer.
-    num_classes: label range of synthetic batches when there is no data_dir.
 
   Returns:
     An iterator of {'image': uint8 (B, h, w, 3) RGB, 'label': int32 (B,)}.
@@ -321,12 +293,6 @@ def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, p
       processes; while iterating, ValueError naming the folder (and, for a bad label or image
       size, the shard file and record) when a shard is corrupt.
   """
-  if synthetic:
-    metadata = read_metadata(data_dir) if data_dir is not None else {}
-    classes = num_classes or metadata.get('num_classes', 1000)
-    return create_synthetic_iter(batch_size, num_classes=classes,
-                                 image_size=tuple(metadata.get('image_size', (112, 112))),
-                                 seed=seed + 1_000_003 * process_index)
   metadata = read_metadata(data_dir)
   ds = create_dataset(data_dir, batch_size, seed=seed, train=train, start_step=start_step,
                       process_index=process_index, process_count=process_count,

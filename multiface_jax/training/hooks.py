@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from multiface_jax.optim import StepPlan
+from multiface_jax.training.schedule import StepPlan
 
 
 def first_non_finite(history: Sequence[tuple[int, Any]]) -> Optional[int]:
