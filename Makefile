@@ -13,10 +13,10 @@ venv: $(STAMP)
 
 # Rebuilt whenever a requirements file or the project's metadata changes. The project itself is
 # installed editable, without dependencies: requirements.txt pins them.
-$(STAMP): requirements.txt requirements-demo.txt pyproject.toml
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -r requirements-demo.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q "jax[cuda12]==$$(sed -n 's/^jax==//p' requirements.txt)"; fi

@@ -3,12 +3,15 @@ PyTorch, side by side in one run.
 
   .venv/bin/python bench/speed.py                         # MobileFaceNet + IR-SE50, CPU
   .venv/bin/python bench/speed.py --nets=mobilefacenet --dtypes=float32,bfloat16
+  .venv/bin/python bench/speed.py --modes=embed --sides=tuned,onnxruntime,pytorch \
+      --mobilefacenet_embed_batch=1 --ir_embed_batch=1  # the exported model too, batch 1
   bash bench/gpu.sh                                       # a GPU: JAX only (see gpu.sh)
 
 Each side runs in a process of its own, as a user's script would:
   plain     ``models.create_model`` + the project's train step under a plain ``jax.jit``;
   tuned     the same code in a process that called ``cpu_tuning.configure()`` first;
-  pytorch   the original's architecture and ArcFace head (``torch_reference``).
+  pytorch   the original's architecture and ArcFace head (``torch_reference``);
+  onnxruntime  (embedding only) the model ``python -m multiface_jax.export`` writes.
 The processes are started once per line and take turns, so all sides see the same machine load:
 every repetition is one untimed step then `--steps` timed steps, and a line reports the median
 images/s over `--reps` repetitions, the min-max range and the ratios.
@@ -32,7 +35,8 @@ flags.DEFINE_list('dtypes', ['float32'], 'JAX compute dtypes (float32, bfloat16)
                   'uses CPU autocast for bfloat16.')
 flags.DEFINE_list('modes', ['train', 'embed'], 'What to time: train and/or embed.')
 flags.DEFINE_list('sides', ['plain', 'tuned', 'pytorch'], 'Processes to compare (see above).')
-flags.DEFINE_integer('torch_threads', os.cpu_count(), 'PyTorch intra-op threads.')
+flags.DEFINE_integer('torch_threads', os.cpu_count(), 'PyTorch and onnxruntime intra-op '
+                     'threads.')
 flags.DEFINE_integer('reps', 5, 'Timed repetitions per side (the median is reported).')
 flags.DEFINE_integer('steps', 2, 'Steps per repetition.')
 flags.DEFINE_integer('num_classes', 10_000, 'Identities of the training head.')
@@ -66,6 +70,8 @@ def _build(side: str, net: str, mode: str, dtype: str):
   import steps  # pylint: disable=import-outside-toplevel  (bench/, the script's folder)
   batch = batch_size(net, mode)
   bf16 = dtype == 'bfloat16'
+  if side == 'onnxruntime':
+    return steps.onnx_embed(net, batch_size=batch, threads=FLAGS.torch_threads)
   if side == 'pytorch':
     if mode == 'train':
       return steps.torch_train_step(net, batch_size=batch, num_classes=FLAGS.num_classes,
@@ -135,7 +141,8 @@ class Side:
 
 def measure(net: str, mode: str, dtype: str) -> dict:
   """Times one (net, mode, dtype) line, the sides taking turns."""
-  sides = [Side(side, net, mode, dtype) for side in FLAGS.sides]
+  sides = [Side(side, net, mode, dtype) for side in FLAGS.sides
+           if side != 'onnxruntime' or mode == 'embed']
   ready = {}
   try:
     for side in sides:  # one at a time: compiling two at once would slow both
@@ -179,13 +186,15 @@ def forward_flops_per_image(net: str) -> float:
 def print_line(r) -> None:
   text = f"{r['net']:14s} {r['mode']:5s} {r['dtype']:8s} b{r['batch']:<4d}"
   for name, (median, low, high, compile_s, _) in r['sides'].items():
-    compiled = f', compile {compile_s:.0f} s' if name != 'pytorch' else ''
+    compiled = f', compile {compile_s:.0f} s' if name in ('plain', 'tuned') else ''
     text += f' | {name} {median:7.1f} img/s [{low:.1f}-{high:.1f}{compiled}]'
   sides = r['sides']
   if 'pytorch' in sides:
-    for name in ('plain', 'tuned'):
+    for name in ('plain', 'tuned', 'onnxruntime'):
       if name in sides:
         text += f" | {name}/pytorch {sides[name][0] / sides['pytorch'][0]:.2f}x"
+  if 'tuned' in sides and 'onnxruntime' in sides:
+    text += f" | tuned/onnxruntime {sides['tuned'][0] / sides['onnxruntime'][0]:.2f}x"
   text += f" | load {r['load']:.1f}"
   peak = dict(item.split('=') for item in FLAGS.peak_tflops).get(r['dtype'])
   jax_side = next((name for name in ('tuned', 'plain') if name in sides), None)

@@ -193,6 +193,30 @@ def jax_embed(net: str, *, batch_size: int, dtype: str = 'float32', kernel_set: 
   return timed
 
 
+def onnx_embed(net: str, *, batch_size: int, threads: int) -> Timed:
+  """The backbone exported as ``python -m multiface_jax.export`` does, run by onnxruntime on
+  normalised float32 NCHW batches (random weights)."""
+  import onnxruntime  # pylint: disable=import-outside-toplevel
+  from multiface_jax.inference import loading, onnx_export  # pylint: disable=import-outside-toplevel
+  model = create_model(net)
+  variables = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.PRNGKey(SEED), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), jnp.float32))
+  backbone = loading.Backbone(model=model, variables=variables, record=loading.model_record(net),
+                              path='', step=0)
+  options = onnxruntime.SessionOptions()
+  options.intra_op_num_threads = threads
+  session = onnxruntime.InferenceSession(onnx_export.to_onnx(backbone).SerializeToString(),
+                                         options, providers=['CPUExecutionProvider'])
+  images = np.random.default_rng(SEED).uniform(
+      -1, 1, (batch_size, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+
+  def run(steps):
+    for _ in range(steps):
+      session.run([onnx_export.OUTPUT_NAME], {onnx_export.INPUT_NAME: images})
+
+  return Timed(run=run)
+
+
 # ------------------------------------------------------------------------------------ PyTorch
 
 

@@ -33,7 +33,7 @@ import functools
 import os
 import re
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from absl import app
 from absl import flags
@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from multiface_jax import models
+from multiface_jax.inference import loading
 from multiface_jax.models import iresnet
 
 # Leaf (collection, Flax name) -> PyTorch parameter/buffer name.
@@ -321,12 +322,15 @@ def load_torch_state_dict(pth_path: str) -> dict[str, Any]:
   return state_dict
 
 
-def save_variables(out_dir: str, variables: Mapping[str, Any]) -> str:
-  """Writes `variables` as an Orbax StandardCheckpointer checkpoint.
+def save_variables(out_dir: str, variables: Mapping[str, Any],
+                   record: Optional[Mapping[str, Any]] = None) -> str:
+  """Writes `variables` as an Orbax StandardCheckpointer checkpoint, with its model record.
 
   Args:
     out_dir: destination directory; must not exist yet (nothing is overwritten).
     variables: ``{'params': ..., 'batch_stats': ...}``.
+    record: the model record (``inference.loading.model_record``) written as ``model.json``,
+      so that every command loads the weights with ``--checkpoint`` alone.
 
   Returns:
     The absolute path written, restorable with ``ocp.StandardCheckpointer().restore(path)``.
@@ -338,6 +342,8 @@ def save_variables(out_dir: str, variables: Mapping[str, Any]) -> str:
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path, {k: dict(v) for k, v in variables.items()})
   checkpointer.wait_until_finished()
+  if record is not None:
+    loading.write_model_record(path, record)
   return path
 
 
@@ -358,7 +364,9 @@ def main(argv):
     state_dict = load_torch_state_dict(config.pth)
     variables = variables_from_torch_state_dict(state_dict, config.net,
                                                 bgr_to_rgb=not config.keep_bgr)
-    path = save_variables(config.out, variables)
+    record = loading.model_record(config.net,
+                                  embedding_size=_embedding_size(config.net, state_dict))
+    path = save_variables(config.out, variables, record)
   except (OSError, ImportError, ValueError) as e:  # the message says what to fix
     sys.exit(f'error: {e}')
   count = sum(np.size(x) for x in jax.tree_util.tree_leaves(variables['params']))

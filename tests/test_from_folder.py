@@ -151,7 +151,7 @@ def test_refuses_to_overwrite_and_leaves_no_partial_folder(photo_root, tmp_path)
   empty = photo_root / 'zed'
   empty.mkdir()
   (empty / 'junk.jpg').write_bytes(b'not a jpeg')
-  with pytest.raises(ValueError, match=r'zed \(label 1\) has no image PIL can read'):
+  with pytest.raises(ValueError, match=r'zed \(label 1\) has no usable image'):
     from_folder.write_emore_folder([photo_root / 'bob', empty], dst, overwrite=True)
   assert (dst / 'train.rec').read_bytes() == before
   assert sorted(os.listdir(dst)) == ['labels.txt', 'property', 'train.idx', 'train.rec']

@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from multiface_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+from multiface_jax.inference import loading  # pylint: disable=g-import-not-at-top
 from multiface_jax import import_torch  # pylint: disable=g-import-not-at-top
 from multiface_jax import models  # pylint: disable=g-import-not-at-top
 
@@ -258,9 +258,14 @@ def test_command_line_writes_a_restorable_checkpoint(tmp_path):
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = jax.tree_util.tree_map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), expected)
-  loaded = checkpointing.load_backbone_variables(str(out), abstract)
+  loaded = loading.load_backbone_variables(str(out), abstract)
   jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, expected)
   assert_parity('mobilefacenet', loaded, face_images_uint8(seed=1))
+  # The checkpoint records its model, so loading needs the path alone.
+  backbone = loading.load_backbone(str(out))
+  assert (backbone.record['model'], backbone.record['embedding_size'], backbone.step) == (
+      'mobilefacenet', 512, 0)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, backbone.variables, expected)
 
   # A second import never overwrites the first.
   again = subprocess.run(command, capture_output=True, text=True, env=env, check=False)

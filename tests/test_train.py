@@ -18,6 +18,7 @@ import pytest
 
 import train_testlib as lib
 from multiface_jax.data import synthetic
+from multiface_jax.inference import loading
 from multiface_jax.training import checkpointing, evaluate, loop, sharding, trainer
 
 
@@ -63,9 +64,17 @@ def test_end_to_end_run_writes_checkpoints_metrics_and_evaluation(reference):
   with open(os.path.join(checkpointing.checkpoint_dir(workdir), '4', 'meta', 'metadata')) as f:
     meta = json.load(f)
   assert (meta['step'], meta['num_classes'], meta['num_spheres']) == (4, 4, 2)
+  assert meta[loading.RECORD_KEY] == loading.model_record('tiny')  # the checkpoint knows its model
   state, _ = _restore(config, workdir)
   restored = lib.flat_variables(state.params, state.batch_stats)
   lib.assert_close_trees(restored, variables, rtol=0, atol=0, what='checkpoint 4 vs final state')
+  # The run folder alone loads the newest step's backbone, as the photo commands take it.
+  backbone = loading.load_backbone(workdir)
+  assert backbone.step == 4 and backbone.record['model'] == 'tiny'
+  lib.assert_close_trees(lib.flat_variables(backbone.variables['params'],
+                                            backbone.variables['batch_stats']),
+                         lib.flat_variables(state.params['backbone'], state.batch_stats),
+                         rtol=0, atol=0, what='load_backbone(workdir)')
 
 
 def test_resume_after_a_kill_gives_the_parameters_of_an_uninterrupted_run(reference, tmp_path):

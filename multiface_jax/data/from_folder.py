@@ -1,12 +1,14 @@
 """Turns a folder of face images (one sub-folder per identity) into an emore folder.
 
-  python -m multiface_jax.data.from_folder --src=ROOT --dst=DIR [--image_size=112]
+  python -m multiface_jax.data.from_folder --src=ROOT --dst=DIR [--image_size=112] [--align]
 
 Identities are the sub-folders of ROOT in sorted order (labels 0..K-1); every file PIL can open is
-an image. Each image is turned upright (EXIF), converted to RGB (gray gets 3 channels), scaled so
-that the whole image fits an image_size x image_size square (the longer side becomes image_size,
-bicubic; small images are enlarged) and centred on a black square, then JPEG-encoded at quality 95.
-The faces should already be aligned (as in emore); nothing here detects or aligns faces.
+an image. Each image is turned upright (EXIF) and converted to RGB (gray gets 3 channels). Then
+either, for faces that are aligned already (as in emore), it is scaled so that the whole image
+fits an image_size x image_size square (the longer side becomes image_size, bicubic; small images
+are enlarged) and centred on a black square; or, with --align (raw photos), its largest face is
+detected (YuNet) and aligned onto the ArcFace template (``inference.align``), and a photo without
+a face is skipped. The square is JPEG-encoded at quality 95.
 
 Output (the emore layout `EmoreFolder` reads): `train.rec`/`train.idx` with record 0 a header
 (label = (num_images + 1, num_images + 1 + K)), image records 1..num_images (label = identity),
@@ -18,6 +20,7 @@ looks complete.
 import concurrent.futures
 import io
 import os
+import threading
 
 from absl import app
 from absl import flags
@@ -28,6 +31,7 @@ from PIL import UnidentifiedImageError
 
 from multiface_jax.data import recordio
 from multiface_jax.data import recordio_writer
+from multiface_jax.inference import images
 
 IMAGE_SIZE = 112
 JPEG_QUALITY = 95
@@ -68,8 +72,7 @@ def load_face(path, image_size=IMAGE_SIZE):
   Returns:
     PIL.Image in mode RGB of size (image_size, image_size).
   """
-  with Image.open(path) as image:
-    image = ImageOps.exif_transpose(image).convert('RGB')
+  image = images.open_rgb(path)
   if image.size == (image_size, image_size):
     return image
   return ImageOps.pad(image, (image_size, image_size), method=Image.Resampling.BICUBIC,
@@ -83,16 +86,36 @@ def encode_jpeg(image, quality=JPEG_QUALITY):
   return buffer.getvalue()
 
 
-def _encode_or_none(path, image_size, quality):
+class AlignedFace:
+  """``load_face`` for raw photos: the largest face, detected and aligned (one YuNet per thread).
+
+  Raises ValueError for a photo without a face.
+  """
+
+  def __init__(self):
+    self._local = threading.local()
+
+  def __call__(self, path, image_size=IMAGE_SIZE):
+    from multiface_jax.inference import align, detect  # pylint: disable=import-outside-toplevel
+    if not hasattr(self._local, 'detector'):
+      self._local.detector = detect.YuNet()
+    image = images.read_rgb(path)
+    faces = self._local.detector(image, path)
+    if not faces:
+      raise ValueError(f'{path}: no face found')
+    return Image.fromarray(align.align_face(image, faces[0].landmarks, image_size))
+
+
+def _encode_or_none(path, image_size, quality, load=load_face):
   try:
-    return encode_jpeg(load_face(path, image_size), quality)
+    return encode_jpeg(load(path, image_size), quality)
   except (UnidentifiedImageError, OSError, ValueError) as e:
-    logging.warning('skipping %s: PIL cannot read it (%s)', path, e)
+    logging.warning('skipping %s (%s)', path, e)
     return None
 
 
 def write_emore_folder(identity_dirs, dst_dir, *, image_size=IMAGE_SIZE, quality=JPEG_QUALITY,
-                       overwrite=False, num_threads=4):
+                       overwrite=False, num_threads=4, align=False):
   """Writes the images of `identity_dirs` as an emore folder.
 
   Args:
@@ -103,10 +126,11 @@ def write_emore_folder(identity_dirs, dst_dir, *, image_size=IMAGE_SIZE, quality
     quality: JPEG quality.
     overwrite: replace an emore folder already in `dst_dir`.
     num_threads: threads decoding and encoding images (PIL releases the GIL).
+    align: the images are raw photos: detect and align each one's largest face.
 
   Returns:
     dict with num_images, num_classes, image_size, names (identity folder name per label) and
-    skipped (files PIL could not read).
+    skipped (files that could not be read, or without a face with `align`).
 
   Raises:
     FileExistsError: `dst_dir` already holds an emore folder and overwrite is False.
@@ -123,7 +147,8 @@ def write_emore_folder(identity_dirs, dst_dir, *, image_size=IMAGE_SIZE, quality
   final = {n: os.path.join(dst_dir, n) for n in _OUTPUT_FILES}
   tmp = {n: os.path.join(dst_dir, f'.{n}.tmp') for n in _OUTPUT_FILES}
   try:
-    summary = _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads)
+    summary = _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads,
+                               AlignedFace() if align else load_face)
     for name in _OUTPUT_FILES:
       os.replace(tmp[name], final[name])
   finally:
@@ -135,7 +160,7 @@ def write_emore_folder(identity_dirs, dst_dir, *, image_size=IMAGE_SIZE, quality
   return summary
 
 
-def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
+def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads, load):
   names = [os.path.basename(os.path.normpath(d)) for d in identity_dirs]
   skipped = []
   identity_ranges = []
@@ -150,15 +175,16 @@ def _write_tmp_files(identity_dirs, tmp, image_size, quality, num_threads):
       paths = list_images(identity_dir)
       first = key
       for path, encoded in zip(paths, pool.map(
-          lambda p: _encode_or_none(p, image_size, quality), paths)):
+          lambda p: _encode_or_none(p, image_size, quality, load), paths)):
         if encoded is None:
           skipped.append(path)
           continue
         writer.write_idx(key, recordio_writer.pack(recordio.IRHeader(0, float(label), key, 0), encoded))
         key += 1
       if key == first:
-        raise ValueError(f'identity folder {identity_dir} (label {label}) has no image PIL can '
-                         'read; add images or leave the folder out')
+        raise ValueError(f'identity folder {identity_dir} (label {label}) has no usable image '
+                         '(none readable, or none with a face); add images or leave the folder '
+                         'out')
       identity_ranges.append((first, key))
     num_images = key - 1
     if key + len(identity_ranges) > _FLOAT32_EXACT_INTEGERS:
@@ -189,6 +215,7 @@ def _define_flags():
   flags.DEFINE_integer('image_size', IMAGE_SIZE, 'Side of the square output images.')
   flags.DEFINE_integer('quality', JPEG_QUALITY, 'JPEG quality.')
   flags.DEFINE_bool('overwrite', False, 'Replace an emore folder already in --dst.')
+  flags.DEFINE_bool('align', False, 'Raw photos: detect and align the largest face of each.')
   flags.mark_flags_as_required(['src', 'dst'])
 
 
@@ -197,9 +224,9 @@ def main(argv):
   flags_ = flags.FLAGS
   summary = write_emore_folder(list_identity_dirs(flags_.src), flags_.dst,
                                image_size=flags_.image_size, quality=flags_.quality,
-                               overwrite=flags_.overwrite)
+                               overwrite=flags_.overwrite, align=flags_.align)
   print(f'{summary["num_images"]} images, {summary["num_classes"]} identities -> {flags_.dst}'
-        + (f' ({len(summary["skipped"])} unreadable files skipped)' if summary['skipped'] else ''))
+        + (f' ({len(summary["skipped"])} files skipped)' if summary['skipped'] else ''))
 
 
 if __name__ == '__main__':

@@ -4,16 +4,14 @@
 ``local_variables`` are what the training loop uses for its periodic evaluation.
 """
 import functools
-import json
-import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from clu import metric_writers
 
+from multiface_jax.inference import loading
 from multiface_jax.training import checkpointing, sharding
 from multiface_jax.training.trainer import create_backbone
 
@@ -70,16 +68,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                             'train first or pass --checkpoint=PATH.')
   if not config.data_dir:
     raise ValueError('Set --config.data_dir to the folder holding the verification .bin files.')
-  mesh = local_mesh()
   model = create_backbone(config)
-  abstract = jax.eval_shape(
-      lambda rng: model.init(rng, jnp.zeros((1, 112, 112, 3), jnp.float32), train=False),
-      jax.random.PRNGKey(0))
-  abstract = jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding.replicated(mesh)),
-      dict(abstract))
-  variables = checkpointing.load_backbone_variables(path, abstract)
-  step = _step_of(path)
+  variables = loading.load_backbone_variables(
+      path, loading.abstract_variables(model, sharding.replicated(local_mesh())))
+  step = loading.step_of(path)
   evaluator = create_evaluator(config)
   if evaluator is None:
     raise FileNotFoundError(f'{config.data_dir} holds no verification .bin sets.')
@@ -89,12 +81,3 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str,
                          workdir=workdir, writer=writer, label=f'{config.model.name} {path}')
   finally:
     writer.close()
-
-
-def _step_of(path: str) -> int:
-  """The step recorded in a training checkpoint's meta, or 0 (imported weights)."""
-  meta_file = os.path.join(path, checkpointing.META_ITEM, 'metadata')
-  if os.path.exists(meta_file):
-    with open(meta_file) as f:
-      return int(json.load(f).get('step', 0))
-  return 0

@@ -9,19 +9,23 @@ from typing import Any, Iterator
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from multiface_jax import heads, models
-from multiface_jax.training import checkpointing, inputs, optim, schedule, sharding, step
+from multiface_jax import heads
+from multiface_jax.inference import loading
+from multiface_jax.training import inputs, optim, schedule, sharding, step
 
 
 def create_backbone(config: ml_collections.ConfigDict) -> nn.Module:
   """The configured backbone (``config.model``) with its compute dtype."""
-  return models.create_model(config.model.name, dtype=jnp.dtype(config.model.dtype),
-                             embedding_size=step.EMBEDDING_SIZE, **config.model.options.to_dict())
+  return loading.create_backbone(model_record(config))
+
+
+def model_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the run's checkpoints record about the backbone (``inference.loading``)."""
+  return loading.record_from_config(config, embedding_size=step.EMBEDDING_SIZE)
 
 
 def create_head(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -99,7 +103,7 @@ class Trainer:
     if self.config.init_checkpoint:
       abstract = {'params': self.abstract_state.params['backbone'],
                   'batch_stats': self.abstract_state.batch_stats}
-      loaded = checkpointing.load_backbone_variables(self.config.init_checkpoint, abstract)
+      loaded = loading.load_backbone_variables(self.config.init_checkpoint, abstract)
       state = state.replace(params={**state.params, 'backbone': loaded['params']},
                             batch_stats=loaded['batch_stats'])
     return state
@@ -117,7 +121,8 @@ class Trainer:
     return {'step': int(step), 'model': c.model.name, 'num_classes': self.facts.num_classes,
             'num_spheres': c.head.num_spheres, 'batch_size': c.batch_size, 'seed': c.seed,
             'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
-            'mesh': dict(self.mesh.shape), 'config': c.to_json()}
+            'mesh': dict(self.mesh.shape), 'config': c.to_json(),
+            loading.RECORD_KEY: model_record(c)}
 
   def check_resumable(self, meta: dict[str, Any], workdir: str) -> None:
     """Refuses to resume a checkpoint of a different model/head; warns on a changed batch."""
