@@ -108,6 +108,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 256
   # Subset of the .bin sets to evaluate, comma-separated ('' = every set in data_dir).
   config.eval_sets = ''
+  # main.py --mode=eval also evaluates on IJB-B / IJB-C when this names the folder holding IJBB/
+  # and IJBC/ (insightface's meta/ and loose_crop/ layout); '' = not.
+  config.ijb_root = ''
+  # The IJB targets evaluated with ijb_root, comma-separated.
+  config.ijb_targets = 'IJBC'
   # Seed of the parameter init, the data order and the flips.
   config.seed = 0
 

@@ -87,26 +87,14 @@ def l2_normalize_rows(x: np.ndarray) -> np.ndarray:
   return x / norms[:, np.newaxis]
 
 
-def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarray, *,
-                       batch_size: int, mesh: Mesh | None = None,
-                       flip: bool = True) -> tuple[np.ndarray, float]:
-  """Embeds images for verification, with flip TTA, in fixed-size (padded) batches.
+def raw_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarray, *,
+                   batch_size: int, mesh: Mesh | None = None, flip: bool = True) -> np.ndarray:
+  """The network's own embeddings of every image and (if `flip`) of its mirror image.
 
-  Args:
-    apply_fn: ``apply_fn(variables, images_float_nhwc) -> (B, D)``, e.g.
-      ``functools.partial(model.apply, train=False)``. It is a static argument of the jitted
-      function: the same object, or an equal partial of the same module instance's ``apply``,
-      reuses the compiled code; a new lambda (or model instance) each call compiles each call.
-    variables: the model variables (numpy or jax arrays).
-    images_uint8: (n, H, W, 3) uint8 RGB images.
-    batch_size: images per device call (global, over all devices of the mesh).
-    mesh: optional mesh with a ``data`` axis; batches are sharded over it and batch_size must be
-      a multiple of its size. Variables not yet on the mesh are replicated over it.
-    flip: add the embedding of the horizontally flipped image before normalising.
+  Arguments as :func:`extract_embeddings`'s.
 
   Returns:
-    (embeddings float64 (n, D) of unit L2 norm, xnorm: the mean L2 norm of the raw embeddings of
-    every view of every image, as insightface reports it).
+    float32 (views, n, D): views = 2 with flip (the image, then its mirror), else 1.
   """
   images_uint8 = np.asarray(images_uint8)
   if images_uint8.ndim != 4 or images_uint8.dtype != np.uint8 or images_uint8.shape[-1] != 3:
@@ -137,9 +125,32 @@ def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarr
       padding = np.zeros((batch_size - valid,) + batch.shape[1:], np.uint8)
       batch = np.concatenate([batch, padding])
     pending.append((_raw_embeddings(apply_fn, variables, put(batch), flip=flip,
-                                      data_devices=data_size), valid))
-  raw = np.concatenate([np.asarray(out)[:, :valid] for out, valid in pending], axis=1)
-  raw = raw.astype(np.float64)  # (views, n, D)
+                                    data_devices=data_size), valid))
+  return np.concatenate([np.asarray(out)[:, :valid] for out, valid in pending], axis=1)
 
+
+def extract_embeddings(apply_fn: ApplyFn, variables: Any, images_uint8: np.ndarray, *,
+                       batch_size: int, mesh: Mesh | None = None,
+                       flip: bool = True) -> tuple[np.ndarray, float]:
+  """Embeds images for verification, with flip TTA, in fixed-size (padded) batches.
+
+  Args:
+    apply_fn: ``apply_fn(variables, images_float_nhwc) -> (B, D)``, e.g.
+      ``functools.partial(model.apply, train=False)``. It is a static argument of the jitted
+      function: the same object, or an equal partial of the same module instance's ``apply``,
+      reuses the compiled code; a new lambda (or model instance) each call compiles each call.
+    variables: the model variables (numpy or jax arrays).
+    images_uint8: (n, H, W, 3) uint8 RGB images.
+    batch_size: images per device call (global, over all devices of the mesh).
+    mesh: optional mesh with a ``data`` axis; batches are sharded over it and batch_size must be
+      a multiple of its size. Variables not yet on the mesh are replicated over it.
+    flip: add the embedding of the horizontally flipped image before normalising.
+
+  Returns:
+    (embeddings float64 (n, D) of unit L2 norm, xnorm: the mean L2 norm of the raw embeddings of
+    every view of every image, as insightface reports it).
+  """
+  raw = raw_embeddings(apply_fn, variables, images_uint8, batch_size=batch_size, mesh=mesh,
+                       flip=flip).astype(np.float64)  # (views, n, D)
   xnorm = float(np.mean(np.linalg.norm(raw, axis=-1)))
   return l2_normalize_rows(raw.sum(0)), xnorm

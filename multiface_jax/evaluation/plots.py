@@ -12,7 +12,8 @@ import numpy as np  # noqa: E402
 
 
 def plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, title: str,
-             far_target: float | None = None) -> None:
+             far_target: float | None = None,
+             far_range: tuple[float, float] = (1e-4, 1.0)) -> None:
   """Writes a ROC figure (TPR against FPR on a log axis) with one line per curve.
 
   Args:
@@ -21,6 +22,7 @@ def plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, 
       is drawn solid, the others (e.g. each sphere alone) dashed.
     title: figure title.
     far_target: if given, a vertical line at this FAR (the VAL@FAR operating point).
+    far_range: the FAR axis's limits.
   """
   fig, ax = plt.subplots(figsize=(6, 4.5), dpi=100)
   for i, (label, (fpr, tpr)) in enumerate(curves.items()):
@@ -30,7 +32,7 @@ def plot_roc(path: str, curves: Mapping[str, tuple[np.ndarray, np.ndarray]], *, 
   if far_target is not None:
     ax.axvline(far_target, color='gray', lw=0.8, ls=':', label=f'FAR = {far_target:g}')
   ax.set_xscale('log')
-  ax.set_xlim(1e-4, 1.0)
+  ax.set_xlim(*far_range)
   ax.set_ylim(0.0, 1.01)
   ax.set_xlabel('false accept rate (FPR)')
   ax.set_ylabel('true accept rate (TPR)')

@@ -47,12 +47,12 @@ class FaceEmbedder:
   def __init__(self, backbone: loading.Backbone, *, batch_size: int = 64,
                detector: Optional[detect.Detector] = None):
     self.backbone = backbone
-    self._mesh = _local_mesh()
-    devices = 1 if self._mesh is None else self._mesh.size
+    self.mesh = _local_mesh()
+    devices = 1 if self.mesh is None else self.mesh.size
     self.batch_size = -(-batch_size // devices) * devices
     self._detector = detector
     # Equal partials of one module compare equal: the embedding compiles once per batch shape.
-    self._apply = functools.partial(backbone.model.apply, train=False)
+    self.apply_fn = functools.partial(backbone.model.apply, train=False)
 
   @classmethod
   def from_checkpoint(cls, path: str, record: Optional[dict] = None, **kwargs) -> 'FaceEmbedder':
@@ -77,8 +77,8 @@ class FaceEmbedder:
                        f'{crops.shape}')
     if not len(crops):
       return np.zeros((0, self.embedding_size), np.float32)
-    vectors, _ = embed.extract_embeddings(self._apply, self.backbone.variables, crops,
-                                          batch_size=self.batch_size, mesh=self._mesh)
+    vectors, _ = embed.extract_embeddings(self.apply_fn, self.backbone.variables, crops,
+                                          batch_size=self.batch_size, mesh=self.mesh)
     return vectors.astype(np.float32)
 
   def detect_and_align(self, image: np.ndarray, name: str = '', *,

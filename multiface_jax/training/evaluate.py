@@ -4,6 +4,7 @@
 ``local_variables`` are what the training loop uses for its periodic evaluation.
 """
 import functools
+import os
 from typing import Any, Optional
 
 import jax
@@ -13,7 +14,7 @@ from clu import metric_writers
 
 from multiface_jax.inference import loading
 from multiface_jax.training import checkpointing, sharding
-from multiface_jax.training.trainer import create_backbone
+from multiface_jax.training.trainer import create_backbone, model_record
 
 
 def create_evaluator(config: ml_collections.ConfigDict):
@@ -50,34 +51,62 @@ def local_variables(params: Any, batch_stats: Any) -> dict[str, Any]:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str,
              checkpoint: Optional[str] = None) -> dict[str, Any]:
-  """Restores a checkpoint and evaluates it on config.data_dir's verification sets.
+  """Restores a checkpoint and evaluates it on config.data_dir's verification sets and, when
+  ``config.ijb_root`` is set, on IJB-B / IJB-C (``config.ijb_targets``).
 
   Args:
-    config: the run's config (model, head.num_spheres, data_dir, eval_batch_size, eval_sets).
+    config: the run's config (model, head.num_spheres, data_dir, eval_batch_size, eval_sets,
+      ijb_root, ijb_targets).
     workdir: the run folder; results go to ``{workdir}/eval``, the newest checkpoint of
       ``{workdir}/checkpoints`` is used when `checkpoint` is None.
     checkpoint: optional path: a step folder of a training checkpoint or a
       ``{params, batch_stats}`` checkpoint (imported weights).
 
   Returns:
-    The evaluator's results, ``{set name: metrics}``.
+    ``{set name: metrics}`` of the verification sets, and ``{target: results}`` of IJB.
   """
   path = checkpoint or checkpointing.latest_step_dir(workdir)
   if path is None:
     raise FileNotFoundError(f'{checkpointing.checkpoint_dir(workdir)} holds no checkpoint; '
                             'train first or pass --checkpoint=PATH.')
-  if not config.data_dir:
-    raise ValueError('Set --config.data_dir to the folder holding the verification .bin files.')
+  if not config.data_dir and not config.ijb_root:
+    raise ValueError('Set --config.data_dir to the folder holding the verification .bin files '
+                     '(or --config.ijb_root to an IJB folder).')
   model = create_backbone(config)
   variables = loading.load_backbone_variables(
       path, loading.abstract_variables(model, sharding.replicated(local_mesh())))
   step = loading.step_of(path)
-  evaluator = create_evaluator(config)
-  if evaluator is None:
-    raise FileNotFoundError(f'{config.data_dir} holds no verification .bin sets.')
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  try:
-    return evaluator.run(functools.partial(model.apply, train=False), variables, step=step,
-                         workdir=workdir, writer=writer, label=f'{config.model.name} {path}')
-  finally:
-    writer.close()
+  results = {}
+  if config.data_dir:
+    evaluator = create_evaluator(config)
+    if evaluator is None:
+      raise FileNotFoundError(f'{config.data_dir} holds no verification .bin sets.')
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    try:
+      results = evaluator.run(functools.partial(model.apply, train=False), variables, step=step,
+                              workdir=workdir, writer=writer, label=f'{config.model.name} {path}')
+    finally:
+      writer.close()
+  if config.ijb_root:
+    results.update(_evaluate_ijb(config, loading.Backbone(
+        model=model, variables=variables, record=model_record(config), path=path, step=step),
+        workdir))
+  return results
+
+
+def _evaluate_ijb(config: ml_collections.ConfigDict, backbone: loading.Backbone,
+                  workdir: str) -> dict[str, Any]:
+  """IJB results per target, written into {workdir}/eval/ijb and printed (process 0)."""
+  from multiface_jax.evaluation import ijb  # pylint: disable=import-outside-toplevel
+  from multiface_jax.inference import embedder  # pylint: disable=import-outside-toplevel
+  faces = embedder.FaceEmbedder(backbone, batch_size=config.eval_batch_size)
+  results = {}
+  for target in (t.strip() for t in config.ijb_targets.split(',') if t.strip()):
+    result = ijb.evaluate(faces, config.ijb_root, target, os.path.join(workdir, 'eval', 'ijb'),
+                          num_spheres=config.head.num_spheres,
+                          progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+      print(f'{target} (step {backbone.step}), TAR (%) at FAR:\n{result.pop("table")}',
+            flush=True)
+    results[target] = result
+  return results
