@@ -6,15 +6,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from multiface_jax import import_torch, models
 from multiface_jax.evaluation.ijb import meta as meta_lib
 from multiface_jax.evaluation.ijb import recipe
-from multiface_jax.inference import detect, images, loading
+from multiface_jax.inference import detect, images
 
 import train_testlib as lib
 
@@ -173,12 +171,7 @@ def test_meta_reads_the_tree_and_names_bad_input(tree, tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_checkpoint(tmp_path_factory):
-  model = models.create_model('tiny')
-  variables = jax.device_get(model.init(jax.random.key(3), np.zeros((1, 112, 112, 3), np.float32),
-                                        train=False))
-  path = str(tmp_path_factory.mktemp('weights') / 'tiny')
-  import_torch.save_variables(path, variables, loading.model_record('tiny'))
-  return path
+  return lib.write_tiny_weights(str(tmp_path_factory.mktemp('weights') / 'tiny'), seed=3)
 
 
 def _run(*args):

@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skimage_data
 from skimage import transform as skimage_transform
 
-from multiface_jax import import_torch, models
+from multiface_jax import models
 from multiface_jax.inference import align, detect, embedder, images, loading, onnx_export
 
 import train_testlib as lib
@@ -153,13 +152,7 @@ def test_images_are_listed_recursively_and_bad_files_named(tmp_path):
 
 @pytest.fixture(scope='module')
 def tiny_checkpoint(tmp_path_factory):
-  """Untrained tiny-backbone weights written as import_torch writes them (with model.json)."""
-  model = models.create_model('tiny')
-  variables = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 112, 112, 3), np.float32),
-                                        train=False))
-  path = str(tmp_path_factory.mktemp('weights') / 'tiny')
-  import_torch.save_variables(path, variables, loading.model_record('tiny'))
-  return path
+  return lib.write_tiny_weights(str(tmp_path_factory.mktemp('weights') / 'tiny'), seed=0)
 
 
 def test_a_checkpoint_knows_its_model_and_old_ones_name_the_flag(tiny_checkpoint, tmp_path):

@@ -122,3 +122,14 @@ def assert_close_trees(got: dict, expected: dict, *, rtol: float, atol: float, w
     scale = max(1.0, float(np.max(np.abs(value))))
     np.testing.assert_allclose(got[name], value, rtol=rtol, atol=atol * scale,
                                err_msg=f'{what}: {name}')
+
+
+def write_tiny_weights(path: str, seed: int = 0) -> str:
+  """Untrained tiny-backbone weights written as import_torch writes them (with model.json)."""
+  from multiface_jax import import_torch, models  # pylint: disable=import-outside-toplevel
+  from multiface_jax.inference import loading  # pylint: disable=import-outside-toplevel
+  model = models.create_model('tiny')
+  variables = jax.device_get(model.init(jax.random.key(seed),
+                                        np.zeros((1, 112, 112, 3), np.float32), train=False))
+  import_torch.save_variables(path, variables, loading.model_record('tiny'))
+  return path
