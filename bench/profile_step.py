@@ -57,7 +57,7 @@ def median_ms(fn, reps):
 
 def jax_pieces(setup):
   """{name: (jitted fn, args)} of the JAX step's pieces."""
-  model, head, state, batch = setup.model, setup.head, setup.state, setup.batch
+  model, head, state, batch = setup.model, setup.head.head, setup.state, setup.batch
   images = models.normalize_images(batch['image'])
   labels = batch['label']
   rngs = {'dropout': jax.random.PRNGKey(1)}

@@ -27,7 +27,7 @@ import numpy as np
 
 from multiface_jax import cpu_tuning, heads, models
 from multiface_jax.models import kernels
-from multiface_jax.training import optim, schedule, sharding, step
+from multiface_jax.training import optim, schedule, sharded_head, sharding, step
 
 IMAGE_SIZE = 112
 SEED = 0
@@ -58,11 +58,13 @@ def create_model(net: str, dtype: str = 'float32', kernel_set: str = 'auto'):
   return models.create_model(net, dtype=jnp.dtype(dtype), kernel_set=kernel_set)
 
 
-def create_head(num_classes: int, num_spheres: int,
-                precision: Optional[str] = 'highest') -> heads.MultiSphereHead:
-  """The multi-sphere ArcFace head of the default config (m = 0.5, s = 64)."""
-  return heads.MultiSphereHead(num_classes=num_classes, num_spheres=num_spheres, kind='arcface',
+def create_head(num_classes: int, num_spheres: int, mesh, global_batch: int,
+                precision: Optional[str] = 'highest',
+                sample_rate: float = 1.0) -> sharded_head.ShardedHead:
+  """The multi-sphere ArcFace head of the default config (m = 0.5, s = 64) on `mesh`."""
+  head = heads.MultiSphereHead(num_classes=num_classes, num_spheres=num_spheres, kind='arcface',
                                scale=SCALE, margin=MARGIN, precision=precision)
+  return sharded_head.ShardedHead(head, mesh, global_batch=global_batch, sample_rate=sample_rate)
 
 
 def random_batch(batch_size: int, num_classes: int) -> dict[str, jax.Array]:
@@ -104,8 +106,8 @@ class JaxTrainSetup:
                dtype: str = 'float32', head_precision: Optional[str] = 'highest',
                kernel_set: str = 'auto'):
     self.model = create_model(net, dtype, kernel_set)
-    self.head = create_head(num_classes, num_spheres, head_precision)
     self.mesh = sharding.create_mesh(1, devices=jax.devices()[:1])
+    self.head = create_head(num_classes, num_spheres, self.mesh, batch_size, head_precision)
     opt_config = _optimizer_config()
     plan = schedule.StepPlan(steps_per_epoch=1000, total_steps=10**6, warmup_steps=0,
                              boundaries=(), eval_every=0)
@@ -116,8 +118,9 @@ class JaxTrainSetup:
                           image_size=image_size), rng)
     groups = optim.param_groups(abstract_params, abstract_stats,
                                 embedding_layer=optim.embedding_layer_of(net))
-    self.tx = optim.create_optimizer(
-        opt_config, schedule.create_learning_rate_fn(opt_config, plan), groups)
+    self.lr_fn = schedule.create_learning_rate_fn(opt_config, plan)
+    self.head_sgd = sharded_head.optimizer_settings(opt_config)
+    self.tx = optim.create_optimizer(opt_config, self.lr_fn, groups)
     self.state = jax.jit(functools.partial(step.create_train_state, model=self.model,
                                            head=self.head, tx=self.tx,
                                            image_size=image_size))(rng)
@@ -135,7 +138,8 @@ def jax_train_step(net: str, *, xla_options: Optional[dict] = None, **kwargs) ->
   """
   setup = JaxTrainSetup(net, **kwargs)
   train_step = jax.jit(functools.partial(step.train_step, model=setup.model, head=setup.head,
-                                         tx=setup.tx, mesh=setup.mesh), donate_argnums=0,
+                                         tx=setup.tx, head_lr_fn=setup.lr_fn,
+                                         head_sgd=setup.head_sgd), donate_argnums=0,
                        compiler_options=xla_options or None)
   holder = {}
   timed = Timed(run=None)

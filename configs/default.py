@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.head.normalization = 'global'
   # True: margin under stop_gradient (arcface_torch); False: differentiable margin (the original).
   config.head.straight_through = False
+  # PartialFC: the share of each class shard sampled per step (the batch's classes and random
+  # others), in (0, 1]; 1.0 = the full softmax. See training/sharded_head.py.
+  config.head.sample_rate = 1.0
 
   # Folder written by `python -m multiface_jax.data.convert` (TFRecords, metadata.json, *.bin).
   config.data_dir = ''

@@ -46,7 +46,8 @@ NORMALIZATIONS = ('global', 'per_sphere')
 _NORM_EPS = 1e-12
 
 
-def _l2_normalize(x: jax.Array, axis: int) -> jax.Array:
+def l2_normalize(x: jax.Array, axis: int) -> jax.Array:
+  """`x` scaled to unit L2 norm along `axis`; an all-zero vector stays zero."""
   sum_sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
   return x * jax.lax.rsqrt(jnp.maximum(sum_sq, _NORM_EPS))
 
@@ -63,7 +64,7 @@ def unit_columns_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.f
     An array of `shape` whose columns `w[..., :, c]` have unit L2 norm.
   """
   kernel = jax.random.uniform(key, shape, dtype, minval=-1.0, maxval=1.0)
-  return _l2_normalize(kernel, axis=-2)
+  return l2_normalize(kernel, axis=-2)
 
 
 def split_spheres(embeddings: jax.Array, num_spheres: int, normalization: str = 'global') -> jax.Array:
@@ -88,7 +89,7 @@ def split_spheres(embeddings: jax.Array, num_spheres: int, normalization: str = 
   slices = embeddings.astype(jnp.float32).reshape(batch, num_spheres, dim // num_spheres)
   slices = jnp.transpose(slices, (1, 0, 2))
   if normalization == 'per_sphere':
-    slices = _l2_normalize(slices, axis=-1)
+    slices = l2_normalize(slices, axis=-1)
   return slices
 
 
@@ -125,6 +126,26 @@ def _margin_target(cos: jax.Array, kind: str, margin: float,
     fallback = cos - past_pi * math.sin(past_pi) - m3
     return jnp.where(cos <= math.cos(threshold_angle), fallback, with_margin)
   raise ValueError(f'kind must be one of {KINDS}, got {kind!r}')
+
+
+def margin_logits(cos: jax.Array, is_target: jax.Array, *, kind: str, scale: float,
+                  margin: float, combined_margins: tuple[float, float, float] = (1.0, 0.5, 0.0),
+                  straight_through: bool = False) -> jax.Array:
+  """Scaled logits from cosines (B, C) with the margin on each row's target column.
+
+  Args:
+    cos: float32 (B, C) cosines, clipped to [-1, 1].
+    is_target: bool (B, C), True at each row's label (at most one per row; none: no margin).
+    kind, scale, margin, combined_margins, straight_through: as :class:`MultiSphereHead`'s.
+
+  Returns:
+    float32 (B, C): ``scale * cos`` with the target columns replaced by the margin target.
+  """
+  target_cos = jnp.sum(jnp.where(is_target, cos, 0.0), axis=-1)
+  target = _margin_target(target_cos, kind, margin, combined_margins)
+  if straight_through:
+    target = target_cos + jax.lax.stop_gradient(target - target_cos)
+  return scale * jnp.where(is_target, target[:, None], cos)
 
 
 class MultiSphereHead(nn.Module):
@@ -185,7 +206,7 @@ class MultiSphereHead(nn.Module):
                         (self.num_spheres, slices.shape[-1], self.num_classes), jnp.float32)
 
     def cosines(slice_bd, kernel_dc):
-      kernel_dc = _l2_normalize(kernel_dc, axis=0)
+      kernel_dc = l2_normalize(kernel_dc, axis=0)
       # |e . w| <= 1 already; the clip only removes rounding past +-1 before arccos-like maths.
       return jnp.clip(jnp.dot(slice_bd, kernel_dc, precision=self.precision), -1.0, 1.0)
 
@@ -194,11 +215,9 @@ class MultiSphereHead(nn.Module):
       if labels is None:
         return self.scale * cos
       is_target = labels[:, None] == jnp.arange(self.num_classes)[None, :]
-      target_cos = jnp.sum(jnp.where(is_target, cos, 0.0), axis=-1)
-      target = _margin_target(target_cos, self.kind, self.margin, self.combined_margins)
-      if self.straight_through:
-        target = target_cos + jax.lax.stop_gradient(target - target_cos)
-      return self.scale * jnp.where(is_target, target[:, None], cos)
+      return margin_logits(cos, is_target, kind=self.kind, scale=self.scale, margin=self.margin,
+                           combined_margins=self.combined_margins,
+                           straight_through=self.straight_through)
 
     return jax.vmap(sphere_logits)(slices, kernel)
 

@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from multiface_jax.training import inputs, optim, schedule, step, trainer
+from multiface_jax.training import inputs, optim, schedule, sharding, step, trainer
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
@@ -55,7 +55,8 @@ def test_config_builds_model_head_and_optimizer(name):
   config = _load(name).get_config()
   config.synthetic_data = True  # emore-sized head (85,742 classes), built abstractly
   facts = inputs.dataset_facts(config)
-  model, head = trainer.create_backbone(config), trainer.create_head(config, facts.num_classes)
+  model = trainer.create_backbone(config)
+  head = trainer.create_head(config, facts.num_classes, sharding.create_mesh(1))
   params, batch_stats = jax.eval_shape(
       lambda rng: step.init_variables(rng, model, head, facts.image_size), jax.random.PRNGKey(0))
   assert params['head']['kernel'].shape == (config.head.num_spheres,

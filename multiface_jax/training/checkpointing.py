@@ -12,7 +12,7 @@ Any checkpoint of the project (a step folder, or imported weights) loads as back
 through ``inference.loading``, for evaluation, fine-tuning and the photo commands.
 """
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import orbax.checkpoint as ocp
 
@@ -61,13 +61,20 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: Mapping[st
                force=True)
 
 
-def restore_latest(manager: ocp.CheckpointManager,
-                   abstract_state: Any) -> Optional[tuple[Any, dict[str, Any]]]:
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
+                   check_meta: Optional[Callable[[dict[str, Any]], None]] = None
+                   ) -> Optional[tuple[Any, dict[str, Any]]]:
   """Restores the newest complete step onto the shardings of `abstract_state`.
+
+  The head's class axis is padded to a multiple of the model axis, so a checkpoint written with
+  another model axis size holds a differently padded kernel: its arrays are restored padded with
+  (or stripped of) zero columns, which is exact because padding columns are zero and stay zero.
 
   Args:
     manager: from :func:`create_checkpoint_manager`.
     abstract_state: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set (the current mesh).
+    check_meta: called with the step's meta before the state is read (it raises to refuse a
+      checkpoint of another model or head, whose shapes would otherwise be padded to fit).
 
   Returns:
     ``(state, meta)``, or None when the folder has no checkpoint.
@@ -75,10 +82,13 @@ def restore_latest(manager: ocp.CheckpointManager,
   step = manager.latest_step()
   if step is None:
     return None
+  meta = dict(manager.restore(step, args=ocp.args.Composite(
+      **{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM] or {})
+  if check_meta is not None:
+    check_meta(meta)
   restored = manager.restore(step, args=ocp.args.Composite(
-      **{STATE_ITEM: ocp.args.StandardRestore(abstract_state),
-         META_ITEM: ocp.args.JsonRestore()}))
-  return restored[STATE_ITEM], dict(restored[META_ITEM] or {})
+      **{STATE_ITEM: ocp.args.StandardRestore(abstract_state, strict=False)}))
+  return restored[STATE_ITEM], meta
 
 
 def latest_step_dir(workdir: str) -> Optional[str]:

@@ -54,16 +54,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 
 def _train_loop(trainer, config, workdir, plan, writer, manager, watcher) -> TrainState:
-  restored = checkpointing.restore_latest(manager, trainer.abstract_state)
+  restored = checkpointing.restore_latest(
+      manager, trainer.abstract_state,
+      check_meta=functools.partial(trainer.check_resumable, workdir=workdir))
   if restored is None:
     state = trainer.fresh_state()
     if jax.process_index() == 0:
       writer.write_hparams({k: str(v) for k, v in _flatten(config.to_dict()).items()})
   else:
     state, meta = restored
-    trainer.check_resumable(meta, workdir)
     announce(f'Resumed {workdir} at step {int(state.step)} on {jax.device_count()} devices '
-              f'(saved on {meta.get("num_devices")}).')
+             f'(saved on {meta.get("num_devices")}).')
   start_step = int(state.step)
   last_saved = start_step if restored is not None else -1
   announce(f'Run: {plan.total_steps} steps ({plan.steps_per_epoch} per epoch), global batch '

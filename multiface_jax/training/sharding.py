@@ -24,6 +24,8 @@ BATCH_AXES = (DATA_AXIS, MODEL_AXIS)
 # Name of the head's sub-tree in the train-state params and of its class-sharded parameter.
 HEAD_COLLECTION = 'head'
 HEAD_KERNEL = 'kernel'
+# The train state's momentum of a class-sampled head kernel (laid out like the kernel).
+HEAD_MOMENTUM = 'head_momentum'
 
 
 def create_mesh(model_axis_size: int = 1,
@@ -60,7 +62,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def _is_head_kernel(path: tuple[Any, ...]) -> bool:
   keys = [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
-  return HEAD_COLLECTION in keys and keys[-1] == HEAD_KERNEL
+  return (HEAD_COLLECTION in keys and keys[-1] == HEAD_KERNEL) or HEAD_MOMENTUM in keys
 
 
 def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
@@ -68,7 +70,7 @@ def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
 
   A leaf is a head kernel when its path passes through a ``'head'`` dict key and ends in
   ``'kernel'``; that also catches the optimizer's momentum/accumulator copies, which mirror the
-  params tree.
+  params tree, and the state's ``head_momentum`` of a class-sampled head.
 
   Args:
     mesh: the mesh from :func:`create_mesh`.
@@ -78,7 +80,8 @@ def state_shardings(mesh: Mesh, abstract_tree: Any) -> Any:
     A pytree of ``NamedSharding`` with the structure of `abstract_tree`.
 
   Raises:
-    ValueError: when the class count is not a multiple of the model axis size.
+    ValueError: when the class count is not a multiple of the model axis size (the head pads
+      it to one).
   """
   model_size = mesh.shape[MODEL_AXIS]
 
@@ -131,11 +134,6 @@ def make_global_batch(mesh: Mesh, local_batch: Mapping[str, np.ndarray]) -> dict
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(value))
           for name, value in local_batch.items()}
-
-
-def constrain(x: jax.Array, mesh: Mesh, spec: P) -> jax.Array:
-  """``with_sharding_constraint`` with a spec on `mesh` (inside jit)."""
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def tree_all_finite(tree: Any) -> jax.Array:

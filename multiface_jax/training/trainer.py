@@ -15,7 +15,7 @@ from absl import logging
 
 from multiface_jax import heads
 from multiface_jax.inference import loading
-from multiface_jax.training import inputs, optim, schedule, sharding, step
+from multiface_jax.training import inputs, optim, schedule, sharded_head, sharding, step
 
 
 def create_backbone(config: ml_collections.ConfigDict) -> nn.Module:
@@ -28,14 +28,17 @@ def model_record(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return loading.record_from_config(config, embedding_size=step.EMBEDDING_SIZE)
 
 
-def create_head(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-  """The configured multi-sphere head (``config.head``) over `num_classes` identities."""
+def create_head(config: ml_collections.ConfigDict, num_classes: int,
+                mesh: jax.sharding.Mesh) -> sharded_head.ShardedHead:
+  """The configured multi-sphere head (``config.head``) over `num_classes` identities, on
+  `mesh` (classes over 'model', PartialFC sampling at ``head.sample_rate``)."""
   h = config.head
-  return heads.MultiSphereHead(num_classes=num_classes, num_spheres=h.num_spheres, kind=h.kind,
+  head = heads.MultiSphereHead(num_classes=num_classes, num_spheres=h.num_spheres, kind=h.kind,
                                scale=h.scale, margin=h.margin,
                                combined_margins=tuple(h.combined_margins),
                                normalization=h.normalization, straight_through=h.straight_through)
-
+  return sharded_head.ShardedHead(head, mesh, global_batch=config.batch_size,
+                                  sample_rate=float(h.sample_rate))
 
 
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -52,6 +55,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if step.EMBEDDING_SIZE % config.head.num_spheres:
     raise ValueError(f'head.num_spheres={config.head.num_spheres} must divide the '
                      f'{step.EMBEDDING_SIZE}-d embedding.')
+  sharded_head.check_sample_rate(config.head.sample_rate, config.grad_accum_steps)
 
 
 
@@ -66,14 +70,14 @@ class Trainer:
     self.mesh = sharding.create_mesh(config.mesh.model_axis_size)
     self.local_batch_size = sharding.check_batch_size(config.batch_size, self.mesh)
     self.model = create_backbone(config)
-    self.head = create_head(config, self.facts.num_classes)
+    self.head = create_head(config, self.facts.num_classes, self.mesh)
     self.lr_fn = schedule.create_learning_rate_fn(config.optimizer, self.plan)
 
     rng = jax.random.PRNGKey(config.seed)
     abstract_params, abstract_stats = jax.eval_shape(
         functools.partial(step.init_variables, model=self.model, head=self.head,
                           image_size=self.facts.image_size), rng)
-    groups = optim.param_groups(abstract_params, abstract_stats,
+    groups = optim.param_groups(step.optimized_params(abstract_params, self.head), abstract_stats,
                                 embedding_layer=optim.embedding_layer_of(config.model.name))
     self.tx = optim.create_optimizer(config.optimizer, self.lr_fn, groups,
                                      config.grad_accum_steps)
@@ -88,7 +92,8 @@ class Trainer:
     self._rng = rng
     self.train_step = jax.jit(
         functools.partial(step.train_step, model=self.model, head=self.head, tx=self.tx,
-                          mesh=self.mesh),
+                          head_lr_fn=self.lr_fn,
+                          head_sgd=sharded_head.optimizer_settings(config.optimizer)),
         in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh)),
         out_shardings=(self.state_shardings, sharding.replicated(self.mesh)),
         donate_argnums=0)
@@ -122,13 +127,14 @@ class Trainer:
             'num_spheres': c.head.num_spheres, 'batch_size': c.batch_size, 'seed': c.seed,
             'num_devices': jax.device_count(), 'num_processes': jax.process_count(),
             'mesh': dict(self.mesh.shape), 'config': c.to_json(),
-            loading.RECORD_KEY: model_record(c)}
+            'class_sampling': self.head.sampling, loading.RECORD_KEY: model_record(c)}
 
   def check_resumable(self, meta: dict[str, Any], workdir: str) -> None:
     """Refuses to resume a checkpoint of a different model/head; warns on a changed batch."""
     c = self.config
+    # Class sampling keeps the head's momentum outside the optimizer: another state layout.
     mine = {'model': c.model.name, 'num_classes': self.facts.num_classes,
-            'num_spheres': c.head.num_spheres}
+            'num_spheres': c.head.num_spheres, 'class_sampling': self.head.sampling}
     for key, value in mine.items():
       if key in meta and meta[key] != value:
         raise ValueError(f'{workdir} holds a run with {key}={meta[key]!r}, this config has '
