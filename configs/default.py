@@ -7,7 +7,7 @@ so a misspelled field is an error instead of a silently ignored new one.
 Durations can be given in epochs or in steps: a ``*_steps`` field set to -1 means "derive it from
 the matching ``*_epochs`` field" (``training.schedule.plan_steps`` converts them, in one place). A *step* is
 one global batch of ``batch_size`` images. The original's recipe, which these defaults follow for
-MobileFaceNet, is written down in docs/original_recipe.md.
+MobileFaceNet, is written down in docs/original.md.
 """
 import ml_collections
 

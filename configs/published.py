@@ -2,7 +2,7 @@
 
   get_config = published.row('mobilefacenet', 'arcface', num_spheres=2)  # mfn_arcface_n2.py
 
-The original's recipe (docs/original_recipe.md): SGD momentum 0.9, lr 0.05, lr /10 at epochs 12,
+The original's recipe (docs/original.md): SGD momentum 0.9, lr 0.05, lr /10 at epochs 12,
 15 and 18 of 20, flips only. MobileFaceNet: batch 200 (the batch the original suggests for it),
 weight decay 4e-5 on the backbone and 4e-4 on the final Linear and the head (the defaults of
 ``default.py``). IR-SE100: batch 180 (the original script's default; the paper does not state

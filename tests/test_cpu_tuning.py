@@ -23,7 +23,7 @@ from multiface_jax import cpu_tuning
 tuned = cpu_tuning.configure() if sys.argv[1] == 'tuned' else False
 import jax, jax.numpy as jnp, optax
 from multiface_jax import heads, models
-from multiface_jax.training import sharding, step
+from multiface_jax.training import sharded_head, sharding, step
 sys.path.insert(0, 'tests')
 import train_testlib as lib
 
@@ -38,13 +38,15 @@ conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
 conv_text = jax.jit(conv).lower(x, kernel).compile().as_text()
 
 model = models.create_model('tiny')
-head = heads.MultiSphereHead(num_classes=16, num_spheres=2)
+head = sharded_head.ShardedHead(heads.MultiSphereHead(num_classes=16, num_spheres=2),
+                                sharding.create_mesh(1), global_batch=8)
 tx = optax.sgd(0.1)
 state = step.create_train_state(jax.random.key(0), model=model, head=head, tx=tx,
                                 image_size=(112, 112))
 batch = {'image': jnp.zeros((8, 112, 112, 3), jnp.uint8), 'label': jnp.zeros((8,), jnp.int32)}
 train_step = jax.jit(functools.partial(step.train_step, model=model, head=head, tx=tx,
-                                       mesh=sharding.create_mesh(1)))
+                                       head_lr_fn=lambda _: 0.1,
+                                       head_sgd=dict(momentum_decay=0.0, weight_decay=0.0)))
 step_text = train_step.lower(state, batch).compile().as_text()
 print(json.dumps({
     'tuned': tuned,

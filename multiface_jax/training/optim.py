@@ -3,7 +3,7 @@
 ``param_groups`` labels every parameter with its weight-decay group, ``create_optimizer`` chains
 one masked ``add_decayed_weights`` per group before ``optax.sgd``: the decay is added to the
 gradient *before* momentum, exactly like ``torch.optim.SGD(weight_decay=...)`` (coupled L2, not
-AdamW-style decoupled decay). The groups and their values are in docs/original_recipe.md.
+AdamW-style decoupled decay). The groups and their values are in docs/original.md.
 """
 from typing import Any, Callable, Mapping
 

@@ -24,7 +24,7 @@ the full softmax and the optimizer updates it like every other parameter.
 """
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -248,11 +248,10 @@ def optimizer_settings(opt_config: Any) -> dict[str, Any]:
               nesterov=bool(opt_config.nesterov))
 
 
-def check_sample_rate(sample_rate: float, grad_accum_steps: int,
-                      note: Optional[str] = None) -> None:
+def check_sample_rate(sample_rate: float, grad_accum_steps: int) -> None:
   """Rejects a sample rate outside (0, 1] and sampling with gradient accumulation."""
   if not 0.0 < sample_rate <= 1.0:
-    raise ValueError(f'head.sample_rate={sample_rate} must be in (0, 1].{note or ""}')
+    raise ValueError(f'head.sample_rate={sample_rate} must be in (0, 1] (1.0: no sampling).')
   if sample_rate < 1.0 and grad_accum_steps > 1:
     raise ValueError('head.sample_rate < 1 samples other classes every step, so it cannot '
                      f'accumulate gradients over steps: set grad_accum_steps=1 (got '
