@@ -102,20 +102,30 @@ def measure(classes, spheres, axis, rate, args):
 
 
 def plot(rows, path):
+  """Memory per device against C: one panel per sphere count, colour = model axis, line = rate."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-  for key in sorted({(r['spheres'], r['axis'], r['rate']) for r in rows}):
-    line = sorted((r['classes'], r['gib']) for r in rows if (r['spheres'], r['axis'], r['rate'])
-                  == key)
-    ax.plot(*zip(*line), marker='o', label=f'N={key[0]} model={key[1]} rate={key[2]}')
-  ax.set_xscale('log')
-  ax.set_yscale('log')
-  ax.set_xlabel('classes C')
-  ax.set_ylabel('GiB per device (compiled step)')
-  ax.grid(True, which='both', alpha=0.3)
-  ax.legend(fontsize=6, ncol=2)
+  spheres = sorted({r['spheres'] for r in rows})
+  axes_sizes = sorted({r['axis'] for r in rows})
+  rates = sorted({r['rate'] for r in rows}, reverse=True)
+  styles = ['-', '--', ':', '-.']
+  fig, panels = plt.subplots(1, len(spheres), figsize=(5 * len(spheres), 4.5), dpi=100,
+                             sharey=True, squeeze=False)
+  for panel, n in zip(panels[0], spheres):
+    for color, axis in enumerate(axes_sizes):
+      for style, rate in zip(styles, rates):
+        line = sorted((r['classes'], r['gib']) for r in rows
+                      if (r['spheres'], r['axis'], r['rate']) == (n, axis, rate))
+        panel.plot(*zip(*line), marker='o', color=f'C{color}', linestyle=style,
+                   label=f'model axis {axis}, rate {rate:g}')
+    panel.set_xscale('log')
+    panel.set_yscale('log')
+    panel.set_title(f'N = {n} sphere{"s" if n > 1 else ""}, global batch {BATCH}')
+    panel.set_xlabel('classes C')
+    panel.grid(True, which='both', alpha=0.3)
+  panels[0][0].set_ylabel('GiB per device (compiled head step)')
+  panels[0][-1].legend(fontsize=7, ncol=2)
   fig.tight_layout()
   fig.savefig(path)
   print(f'plot: {path}')
