@@ -44,6 +44,21 @@ def get_config() -> ml_collections.ConfigDict:
   # others), in (0, 1]; 1.0 = the full softmax. See training/sharded_head.py.
   config.head.sample_rate = 1.0
 
+  config.augment = ml_collections.ConfigDict()
+  # Training-image augmentation (data/augment.py), drawn per batch from the seed and the step.
+  # Random left-right flip (the original's only augmentation).
+  config.augment.flip = True
+  # Largest random shift, as a fraction of the image side; 0 = none ...
+  config.augment.shift = 0.0
+  # ... relative zoom (0.1: scale 0.9 to 1.1) ...
+  config.augment.zoom = 0.0
+  # ... rotation in degrees ...
+  config.augment.rotate = 0.0
+  # ... added brightness, as a fraction of 255 ...
+  config.augment.brightness = 0.0
+  # ... and relative contrast change about the image mean.
+  config.augment.contrast = 0.0
+
   # Folder written by `python -m multiface_jax.data.convert` (TFRecords, metadata.json, *.bin).
   config.data_dir = ''
   # Train on random images instead of data_dir (throughput runs, tests).

@@ -5,9 +5,10 @@ and yields `{'image': uint8 (B, H, W, 3) RGB, 'label': int32 (B,)}` numpy batche
 
 The example order is a pure function of (seed, process_index, process_count): every epoch
 permutes this process's shard files and shuffles their records with seeds derived from (seed,
-process_index, epoch), and the flips of batch k are drawn from (seed, process_index, k) with a
-stateless op. `start_step=k` therefore continues an interrupted run exactly (batches k, k+1, ...),
-and it gets there by dropping serialized records, before any image is decoded. (tf.data's shuffle
+process_index, epoch), and the flips (and any other augmentation, ``data.augment``) of batch k
+are drawn from (seed, process_index, k) with stateless ops. `start_step=k` therefore continues
+an interrupted run exactly (batches k, k+1, ...), and it gets there by dropping serialized
+records, before any image is decoded. (tf.data's shuffle
 also mixes in TensorFlow's global seed: a process that calls `tf.random.set_seed` gets another,
 equally reproducible, order. Nothing in this project calls it.)
 
@@ -19,6 +20,8 @@ import re
 
 import numpy as np
 import tensorflow as tf
+
+from multiface_jax.data import augment as augment_lib
 
 try:
   # TF must not grab GPU memory that JAX owns.
@@ -104,37 +107,45 @@ def process_shards(metadata, process_index=0, process_count=1):
 
 
 def _derived_seeds(seed, process_index):
-  """Independent seeds for the three random decisions: file order, record shuffle, flips."""
-  sequence = np.random.SeedSequence([seed, process_index])
-  file_seed, shuffle_seed, flip_seed = sequence.generate_state(3)
-  return int(file_seed), int(shuffle_seed), int(flip_seed)
+  """Independent seeds of the random decisions: file order, record shuffle, flips, augmentation."""
+  return tuple(int(s) for s in np.random.SeedSequence([seed, process_index]).generate_state(4))
 
 
-def parse_batch(serialized, flip_seed, step, *, num_classes):
-  """Parses a batch of serialized tf.train.Examples and draws their flips.
+def parse_batch(serialized, flip_seed, step, *, num_classes, augment=None, augment_seed=0):
+  """Parses a batch of serialized tf.train.Examples and draws their flips and augmentation.
 
-  Vectorised: one protobuf parse per batch, not per image. The flips of batch `step` depend only
-  on (flip_seed, step), so a resumed stream flips exactly like the uninterrupted one.
+  Vectorised: one protobuf parse per batch, not per image. The random draws of batch `step`
+  depend only on (seed, step), so a resumed stream augments exactly like the uninterrupted one.
 
   Args:
     serialized: string (B,) of tf.train.Example bytes.
-    flip_seed: int seed of the flips, or None for no flips (evaluation).
+    flip_seed: int seed of the flips, or None for no flips and no augmentation (evaluation).
     step: index of this batch in the stream (int64 scalar).
     num_classes: labels must lie in [0, num_classes).
+    augment: ``augment.Augment`` (None: flips only); ``augment.flip=False`` draws no flips.
+    augment_seed: int seed of the augmentation beyond the flips.
 
   Returns:
-    {'encoded': string (B,), 'label': int32 (B,), 'flip': bool (B,)}.
+    {'encoded': string (B,), 'label': int32 (B,), 'flip': bool (B,), 'augment': float32 (B, 6)
+    (zeros unless `augment` draws more than flips)}.
   """
+  augment = augment or augment_lib.Augment()
   example = tf.io.parse_example(serialized, _FEATURES)
   labels = example['label']
   batch = tf.shape(labels, out_type=tf.int64)[0]
-  if flip_seed is None:
+  step = tf.cast(step, tf.int64)
+  if flip_seed is None or not augment.flip:
     flips = tf.zeros([batch], tf.bool)
   else:
-    seed = tf.stack([tf.constant(flip_seed, tf.int64), tf.cast(step, tf.int64)])
+    seed = tf.stack([tf.constant(flip_seed, tf.int64), step])
     flips = tf.random.stateless_uniform([batch], seed=seed) < 0.5
+  if flip_seed is None or augment.flip_only:
+    params = tf.zeros([batch, 6], tf.float32)
+  else:
+    params = augment_lib.draw(augment, tf.stack([tf.constant(augment_seed, tf.int64), step]),
+                              batch)
   return {'encoded': example['image'], 'label': _check_labels(labels, num_classes),
-          'flip': flips}
+          'flip': flips, 'augment': params}
 
 
 def _check_labels(labels, num_classes):
@@ -166,7 +177,7 @@ def _read_records(paths, cycle_length):
 
 def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, process_index=0,
                    process_count=1, num_parallel_calls=AUTOTUNE, shuffle_buffer_size=16_384,
-                   metadata=None):
+                   augment=None, metadata=None):
   """Builds the tf.data pipeline that `create_input_iter` wraps for numpy (same arguments).
 
   Returns:
@@ -182,7 +193,8 @@ def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, proc
     raise ValueError(f'the shards of process {process_index} in {data_dir} hold no images')
   if start_step < 0:
     raise ValueError(f'start_step must be >= 0, got {start_step}')
-  file_seed, shuffle_seed, flip_seed = _derived_seeds(seed, process_index)
+  file_seed, shuffle_seed, flip_seed, augment_seed = _derived_seeds(seed, process_index)
+  augment = augment or augment_lib.Augment()
   cycle_length = min(_CYCLE_LENGTH, len(paths))
 
   if train:
@@ -204,18 +216,23 @@ def create_dataset(data_dir, batch_size, *, seed, train=True, start_step=0, proc
   else:
     if start_step:
       raise ValueError('start_step applies to training only (train=True)')
-    flip_seed = None
+    flip_seed, augment = None, augment_lib.Augment(flip=False)
     records = _read_records(tf.constant(paths), 1).batch(batch_size)
     steps = tf.data.Dataset.range(_FOREVER)
 
   def parse(step, serialized):
-    return parse_batch(serialized, flip_seed, step, num_classes=num_classes)
+    return parse_batch(serialized, flip_seed, step, num_classes=num_classes, augment=augment,
+                       augment_seed=augment_seed)
+
+  def decode(example):
+    image = decode_image(example['encoded'], example['flip'], image_size)
+    return {'image': augment_lib.apply(image, example['augment'], augment),
+            'label': example['label']}
 
   # Parse whole batches (cheap), decode image by image (where the time goes), then re-form the
   # very same batches: every parsed batch holds exactly batch_size records except the last one.
   ds = tf.data.Dataset.zip(steps, records).map(parse).unbatch()
-  ds = ds.map(lambda ex: {'image': decode_image(ex['encoded'], ex['flip'], image_size),
-                          'label': ex['label']}, num_parallel_calls=num_parallel_calls)
+  ds = ds.map(decode, num_parallel_calls=num_parallel_calls)
   ds = ds.batch(batch_size, drop_remainder=train)
   options = tf.data.Options()
   options.deterministic = True
@@ -270,7 +287,8 @@ def _numpy_batches(ds, description, paths, num_classes):
 
 
 def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, process_index=0,
-                      process_count=1, num_parallel_calls=AUTOTUNE, shuffle_buffer_size=16_384):
+                      process_count=1, num_parallel_calls=AUTOTUNE, shuffle_buffer_size=16_384,
+                      augment=None):
   """Iterator of numpy training (or evaluation) batches from a converted TFRecord folder.
 
   Args:
@@ -284,6 +302,7 @@ def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, p
     process_index, process_count: this process reads shards[process_index::process_count].
     num_parallel_calls: parallel decodes (tf.data.AUTOTUNE, or 1 to use one core).
     shuffle_buffer_size: records held by the per-epoch shuffle buffer.
+    augment: ``augment.Augment`` of training batches (None: random flips only, the original's).
 
   Returns:
     An iterator of {'image': uint8 (B, h, w, 3) RGB, 'label': int32 (B,)}.
@@ -297,7 +316,8 @@ def create_input_iter(data_dir, batch_size, *, seed, train=True, start_step=0, p
   ds = create_dataset(data_dir, batch_size, seed=seed, train=train, start_step=start_step,
                       process_index=process_index, process_count=process_count,
                       num_parallel_calls=num_parallel_calls,
-                      shuffle_buffer_size=shuffle_buffer_size, metadata=metadata)
+                      shuffle_buffer_size=shuffle_buffer_size, augment=augment,
+                      metadata=metadata)
   paths = [os.path.join(os.fspath(data_dir), shard['name'])
            for shard in process_shards(metadata, process_index, process_count)]
   return _numpy_batches(ds, f'{data_dir} (process {process_index} of {process_count})', paths,

@@ -62,7 +62,8 @@ def create_input_iter(config: ml_collections.ConfigDict, facts: DatasetFacts, *,
   """This process's training batches, starting at batch `start_step` of the uninterrupted stream.
 
   Args:
-    config: uses ``synthetic_data``, ``data_dir``, ``batch_size`` (global) and ``seed``.
+    config: uses ``synthetic_data``, ``data_dir``, ``batch_size`` (global), ``seed`` and
+      ``augment`` (real data only).
     facts: the data's facts (class count and image size of synthetic batches).
     local_batch_size: images per batch of this process.
     start_step: the first batch is that of this step.
@@ -76,7 +77,8 @@ def create_input_iter(config: ml_collections.ConfigDict, facts: DatasetFacts, *,
         config.batch_size, num_classes=facts.num_classes, image_size=facts.image_size,
         seed=config.seed, start_step=start_step, process_index=process_index,
         process_count=process_count)
-  from multiface_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  from multiface_jax.data import augment, pipeline  # pylint: disable=import-outside-toplevel
   return pipeline.create_input_iter(
       config.data_dir, local_batch_size, seed=config.seed, train=True, start_step=start_step,
-      process_index=process_index, process_count=process_count)
+      process_index=process_index, process_count=process_count,
+      augment=augment.Augment(**config.augment.to_dict()))
