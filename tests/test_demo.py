@@ -1,4 +1,4 @@
-"""The demo's whole path on a few real ORL faces: data preparation, one train step, evaluation."""
+"""The demo's path on real ORL faces: identity splits, each split's data, and the whole command."""
 import json
 import os
 import re
@@ -8,65 +8,105 @@ import sys
 import numpy as np
 import pytest
 
-from multiface_jax import demo
-from multiface_jax.data import emore
-from multiface_jax.data import verification_sets
+from multiface_jax.data import emore, make_pairs, orl, verification_sets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
-def orl_root():
+def faces_dir(tmp_path_factory):
   try:
-    return demo.find_orl_faces()
+    root = orl.find_faces()
   except FileNotFoundError as e:
     pytest.fail(f'the demo faces are part of the test set-up (make venv installs them): {e}')
+  return orl.stage_faces(root, str(tmp_path_factory.mktemp('orl')))
 
 
-def test_prepares_emore_pairs_and_tfrecords_from_real_faces(orl_root, tmp_path):
-  data_dir = demo.prepare_data(orl_root, str(tmp_path), train_identities=3,
-                               heldout_identities=2, num_pairs=40)
-  folder = emore.EmoreFolder(str(tmp_path / 'emore'))
-  assert (folder.num_classes, folder.image_size, folder.num_images) == (3, (112, 112), 30)
-  labels = [folder.read_image(k)[0] for k in folder.image_keys]
-  assert labels == [0] * 10 + [1] * 10 + [2] * 10
+def test_splits_hold_out_every_person_once_and_never_train_on_them():
+  splits = orl.identity_splits(4)
+  assert [s.heldout for s in splits] == [tuple(range(1 + 10 * k, 11 + 10 * k)) for k in range(4)]
+  for split in splits:
+    assert not set(split.heldout) & set(split.train) and not split.validation
+    assert sorted(split.heldout + split.train) == list(range(1, 41))
+  with_validation = orl.identity_splits(4, num_validation=10)
+  for split in with_validation:
+    assert len(split.train) == 20 and len(split.validation) == 10
+    assert sorted(split.heldout + split.validation + split.train) == list(range(1, 41))
+  # The validation people of the last split wrap around to the first people.
+  assert with_validation[3].validation == tuple(range(1, 11))
+  with pytest.raises(ValueError, match='must be >= 2 and divide the 40'):
+    orl.identity_splits(3)
+
+
+def test_a_split_trains_on_its_people_and_pairs_every_photo_pair_of_the_held_out(faces_dir,
+                                                                                 tmp_path):
+  split = orl.identity_splits(2, num_identities=8)[1]  # hold out s5-s8, train on s1-s4
+  data_dir = orl.prepare_split(faces_dir, str(tmp_path), split, align=True, log=None)
+  folder = emore.EmoreFolder(os.path.join(os.path.dirname(data_dir), orl.TRAIN_SET))
+  assert (folder.num_classes, folder.image_size, folder.num_images) == (4, (112, 112), 40)
   with open(os.path.join(data_dir, 'metadata.json')) as f:
-    metadata = json.load(f)
-  assert metadata['num_images'] == 30 and metadata['num_classes'] == 3
-  assert metadata['verification_sets'] == [f'{demo.HELDOUT_SET}.bin']
-  images, issame = verification_sets.load_bin(os.path.join(data_dir, f'{demo.HELDOUT_SET}.bin'))
-  assert images.shape == (80, 112, 112, 3) and issame.sum() == 20
-  # Gray faces: three equal channels; fitted 92x112 -> 112x112 leaves black side bars.
-  np.testing.assert_array_equal(images[..., 0], images[..., 2])
-  assert images[:, :, :5].max() <= 8 and images[:, :, 20:90].mean() > 40
-  # Held-out identities only: no pair image equals a training image.
+    assert json.load(f)['verification_sets'] == [f'{orl.HELDOUT_SET}.bin']
+  bin_path = os.path.join(data_dir, f'{orl.HELDOUT_SET}.bin')
+  images, issame = verification_sets.load_bin(bin_path)
+  # 4 people x C(10, 2) = 180 same-person pairs, as many different-person ones, balanced folds.
+  assert images.shape == (720, 112, 112, 3) and issame.sum() == 180
+  np.testing.assert_array_equal(issame.reshape(10, 36), [[True] * 18 + [False] * 18] * 10)
+  encoded, _ = verification_sets.read_bin(bin_path)
+  assert len(set(encoded)) == 40  # every photo of the 4 held-out people, none of anyone else
   train_bytes = {folder.read_image(k)[1] for k in folder.image_keys}
-  encoded, _ = verification_sets.read_bin(os.path.join(data_dir, f'{demo.HELDOUT_SET}.bin'))
   assert not train_bytes & set(encoded)
-  # A second run reuses what is on disk.
+  pairs = {frozenset((encoded[2 * i], encoded[2 * i + 1])) for i in range(len(issame))}
+  assert len(pairs) == 360
+  # Aligned onto the ArcFace template: gray faces (equal channels), eyes where the template puts
+  # them (darker than the cheeks below them), black corners outside the 92x112 photo.
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])
+  eyes = images[:, 49:55, 36:42, 0].mean() + images[:, 49:55, 71:77, 0].mean()
+  cheeks = images[:, 62:68, 36:42, 0].mean() + images[:, 62:68, 71:77, 0].mean()
+  assert eyes < cheeks
+  # A second call reuses what is on disk.
   mtime = os.path.getmtime(os.path.join(data_dir, 'metadata.json'))
-  demo.prepare_data(orl_root, str(tmp_path), train_identities=3, heldout_identities=2,
-                    num_pairs=40)
+  orl.prepare_split(faces_dir, str(tmp_path), split, align=True, log=None)
   assert os.path.getmtime(os.path.join(data_dir, 'metadata.json')) == mtime
 
 
-def test_demo_command_trains_one_step_and_prints_the_table(orl_root, tmp_path):
-  del orl_root
+def test_a_validation_split_writes_no_file_of_its_held_out_people(faces_dir, tmp_path):
+  split = orl.identity_splits(2, num_validation=2, num_identities=8)[0]
+  assert split.heldout == (1, 2, 3, 4) and split.validation == (5, 6)
+  data_dir = orl.prepare_split(faces_dir, str(tmp_path), split, align=False, log=None)
+  assert sorted(n for n in os.listdir(data_dir) if n.endswith('.bin')) == ['validation.bin']
+  _, issame = verification_sets.load_bin(os.path.join(data_dir, 'validation.bin'))
+  assert issame.sum() == 90  # 2 people x 45 pairs
+  assert make_pairs.ALL_SAME == -1
+
+
+def test_demo_command_cross_validates_and_ends_with_the_table(tmp_path):
   workdir = tmp_path / 'run'
-  overrides = ['--config.model.name=tiny', '--config.batch_size=10',
-               '--config.num_train_steps=1', '--config.eval_batch_size=20']
   command = [sys.executable, '-m', 'multiface_jax.demo', f'--workdir={workdir}',
-             '--train_identities=3', '--heldout_identities=2', '--pairs=40',
-             *overrides]
+             '--num_identities=8', '--num_splits=2', '--config.model.name=tiny',
+             '--config.batch_size=10', '--config.num_train_steps=1', '--config.eval_batch_size=20']
   env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='')
-  out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-  assert os.path.isdir(workdir / 'checkpoints' / '1')
-  for row in ('raw pixels', 'untrained network', 'trained tiny'):
-    assert row in out.stdout
-  assert demo.HELDOUT_SET in out.stdout
-  assert any(name.startswith('roc_') and name.endswith('.png')
-             for name in os.listdir(workdir / 'eval'))
+  assert '[demo] split 1/2' in out.stdout and '[demo] split 2/2' in out.stdout
+  table = out.stdout[out.stdout.rindex('| model'):].strip().splitlines()
+  assert table[0].split('|')[2:5] == [' 2 splits: mean ± std ', ' s1-s4        ',
+                                      ' s5-s8        ']
+  rows = [line.split('|')[1].strip() for line in table[2:]]
+  assert rows[:4] == ['raw pixels', 'eigenfaces (whitened PCA 39)',
+                      'Fisherfaces (PCA 36 + LDA)', 'SFace (pretrained, reference)']
+  assert rows[4:] == [f'{which} network (tiny){part}' for which in ('untrained', 'trained')
+                      for part in ('', ', sphere 1/2 alone', ', sphere 2/2 alone')]
+  assert out.stdout.rstrip().endswith(table[-1])  # the table is the last thing printed
+  with open(workdir / 'demo_results.json') as f:
+    results = json.load(f)
+  assert [s['heldout'] for s in results['splits']] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+  over = results['over_splits']['raw pixels']
+  per_split = [s['results']['raw pixels']['accuracy_mean'] for s in results['splits']]
+  assert over['per_split'] == per_split and over['accuracy_mean'] == pytest.approx(
+      np.mean(per_split))
+  assert f'{100 * over["accuracy_mean"]:.2f} ± {100 * over["accuracy_std"]:.2f}' in table[2]
+  assert (workdir / 'demo_roc.png').stat().st_size > 10_000
+  assert (workdir / 'split1_heldout_s1-s4_train4' / 'checkpoints' / '1').is_dir()
   # The console carries the demo's own lines only: no absl/Orbax INFO or WARNING lines, no
   # TensorFlow notices, no read-only checkpoint warnings.
   console = out.stdout + out.stderr
