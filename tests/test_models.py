@@ -82,6 +82,33 @@ def test_param_counts_match_original(name, expected):
   assert model_param_count(name) == expected
 
 
+def mobilefacenet_param_count(width=1.0, embedding=512):
+  """MobileFaceNet's parameters from its layer list (docs/original.md), channels times width."""
+  c = lambda n: max(8, round(n * width / 8) * 8)
+  block = lambda cin, cout, k=1, depthwise=False, prelu=True: (
+      k * k * (1 if depthwise else cin) * cout + 2 * cout + (cout if prelu else 0))
+  dw = lambda cin, cout, exp: (block(cin, exp) + block(exp, exp, 3, True)
+                               + block(exp, cout, prelu=False))
+  total = block(3, c(64), 3) + block(c(64), c(64), 3, True) + dw(c(64), c(64), c(128))
+  total += 4 * dw(c(64), c(64), c(128)) + dw(c(64), c(128), c(256))
+  total += 6 * dw(c(128), c(128), c(256)) + dw(c(128), c(128), c(512))
+  total += 2 * dw(c(128), c(128), c(256)) + block(c(128), c(512))
+  total += block(c(512), c(512), 7, True, prelu=False) + c(512) * embedding + 2 * embedding
+  return total
+
+
+@pytest.mark.parametrize('width', [1.0, 0.5, 0.75])
+def test_mobilefacenet_width_scales_every_layer(width):
+  assert mobilefacenet_param_count(1.0) == 1_200_512  # the formula is the original's at width 1
+  model = models.create_model('mobilefacenet', width=width)
+  assert count_params(abstract_variables(model)) == mobilefacenet_param_count(width)
+  variables = abstract_variables(model)
+  assert variables['params']['conv1']['conv']['kernel'].shape[-1] == round(64 * width / 8) * 8
+  assert variables['params']['linear']['kernel'].shape[-1] == 512
+  with pytest.raises(ValueError, match='width must be positive'):
+    abstract_variables(models.create_model('mobilefacenet', width=0.0))
+
+
 def test_ir_param_counts_match_architecture_formula():
   counts = {name: model_param_count(name) for name in ('ir50', 'ir152', 'ir_se50', 'ir_se100')}
   for name, count in counts.items():

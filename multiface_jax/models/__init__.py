@@ -40,7 +40,8 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
       in float32).
     embedding_size: size of the output embedding.
     kernel_set: 'auto' (by backend), 'xla' or 'xla_cpu' (see :mod:`multiface_jax.models.kernels`).
-    **options: backbone-specific: ``dropout_rate`` (default 0.6, IR / IR-SE).
+    **options: backbone-specific: ``dropout_rate`` (default 0.6, IR / IR-SE), ``width``
+      (default 1.0, MobileFaceNet: channels times this).
 
   Returns:
     An unbound ``flax.linen.Module``; call it as ``model.apply(variables, images, train=...)``.
@@ -49,7 +50,7 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
     ValueError: unknown name or an option the backbone does not take.
   """
   if name == 'mobilefacenet':
-    allowed, factory = set(), MobileFaceNet
+    allowed, factory = {'width'}, MobileFaceNet
   elif name == 'tiny':  # tests and smoke runs only; not an architecture of the original
     allowed, factory = set(), TinyFaceNet
   elif name in _IR_VARIANTS:

@@ -85,10 +85,12 @@ class MobileFaceNet(nn.Module):
 
   Attributes:
     embedding_size: size of the output embedding.
+    width: every layer's channels times this, rounded to a multiple of 8 (1.0: the original).
     kernel_set: kernel set of the whole network (:mod:`multiface_jax.models.kernels`).
     dtype: compute dtype; params are float32 and the output is float32.
   """
   embedding_size: int = 512
+  width: float = 1.0
   kernel_set: str = 'auto'
   dtype: Any = jnp.float32
 
@@ -106,21 +108,24 @@ class MobileFaceNet(nn.Module):
     if images.ndim != 4 or images.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
       raise ValueError(f'MobileFaceNet expects (B, {INPUT_SIZE}, {INPUT_SIZE}, C) images, got '
                        f'{images.shape}: the 7x7 global depthwise conv fixes the input size.')
+    if self.width <= 0:
+      raise ValueError(f'MobileFaceNet width must be positive, got {self.width}.')
+    c = lambda channels: max(8, round(channels * self.width / 8) * 8)
     with kernels.use(self.kernel_set):
       block = functools.partial(layers.ConvBlock, dtype=self.dtype)
       depthwise = functools.partial(DepthWise, dtype=self.dtype)
       stack = functools.partial(ResidualStack, dtype=self.dtype)
 
-      x = block(64, (3, 3), 2, padding=1, name='conv1')(images, train)
-      x = block(64, (3, 3), 1, padding=1, depthwise=True, name='conv2_dw')(x, train)
-      x = depthwise(64, 128, strides=2, name='conv_23')(x, train)
-      x = stack(4, 128, name='conv_3')(x, train)
-      x = depthwise(128, 256, strides=2, name='conv_34')(x, train)
-      x = stack(6, 256, name='conv_4')(x, train)
-      x = depthwise(128, 512, strides=2, name='conv_45')(x, train)
-      x = stack(2, 256, name='conv_5')(x, train)
-      x = block(512, name='conv_6_sep')(x, train)
-      x = block(512, (7, 7), 1, padding='VALID', depthwise=True, activation=False,
+      x = block(c(64), (3, 3), 2, padding=1, name='conv1')(images, train)
+      x = block(c(64), (3, 3), 1, padding=1, depthwise=True, name='conv2_dw')(x, train)
+      x = depthwise(c(64), c(128), strides=2, name='conv_23')(x, train)
+      x = stack(4, c(128), name='conv_3')(x, train)
+      x = depthwise(c(128), c(256), strides=2, name='conv_34')(x, train)
+      x = stack(6, c(256), name='conv_4')(x, train)
+      x = depthwise(c(128), c(512), strides=2, name='conv_45')(x, train)
+      x = stack(2, c(256), name='conv_5')(x, train)
+      x = block(c(512), name='conv_6_sep')(x, train)
+      x = block(c(512), (7, 7), 1, padding='VALID', depthwise=True, activation=False,
                 name='conv_6_dw')(x, train)
       x = x.reshape(x.shape[0], -1)
       x = nn.Dense(self.embedding_size, use_bias=False, dtype=self.dtype, name='linear')(x)
