@@ -23,18 +23,17 @@ from multiface_jax import demo  # noqa: E402
 
 AUGMENT = {'augment.shift': 0.08, 'augment.zoom': 0.1, 'augment.rotate': 10.0,
            'augment.brightness': 0.1, 'augment.contrast': 0.2}
+LIGHT = {'augment.shift': 0.04, 'augment.zoom': 0.05, 'augment.rotate': 5.0,
+         'augment.brightness': 0.05, 'augment.contrast': 0.1}
+NO_AUGMENT = {key: 0.0 for key in AUGMENT}
 # name -> overrides of configs/demo_orl.py's fields.
 CANDIDATES = {
-    'flip_only': {'augment.shift': 0.0, 'augment.zoom': 0.0, 'augment.rotate': 0.0,
-                  'augment.brightness': 0.0, 'augment.contrast': 0.0},
-    'augment': AUGMENT,
-    'augment_strong': {'augment.shift': 0.12, 'augment.zoom': 0.15, 'augment.rotate': 15.0,
-                       'augment.brightness': 0.2, 'augment.contrast': 0.3},
-    'augment_s64': {**AUGMENT, 'head.scale': 64.0},
-    'augment_wd5e-3': {**AUGMENT, 'optimizer.weight_decay_backbone': 5e-3},
-    'augment_lr0.05': {**AUGMENT, 'optimizer.lr': 0.05},
-    'augment_m0.5': {**AUGMENT, 'head.margin': 0.5},
-    'augment_cosface': {**AUGMENT, 'head.kind': 'cosface', 'head.margin': 0.35},
+    'flip_only': {**NO_AUGMENT, 'model.options.width': 1.0, 'num_epochs': 10.0},
+    'augment': {**AUGMENT, 'model.options.width': 1.0, 'num_epochs': 10.0},
+    'augment_light': {**LIGHT, 'model.options.width': 1.0, 'num_epochs': 10.0},
+    'augment_20ep': {**AUGMENT, 'model.options.width': 1.0, 'num_epochs': 20.0},
+    'augment_w0.5': {**AUGMENT, 'model.options.width': 0.5, 'num_epochs': 10.0},
+    'augment_w0.5_20ep': {**AUGMENT, 'model.options.width': 0.5, 'num_epochs': 20.0},
 }
 
 

@@ -19,6 +19,7 @@ from configs import default
 def get_config():
   """MobileFaceNet + 2-sphere ArcFace (m = 0.3, the multi-sphere default; s = 32) on ORL."""
   config = default.get_config()
+  config.model.options.width = 1.0
   config.head.kind = 'arcface'
   config.head.num_spheres = 2
   config.head.margin = 0.3

@@ -41,7 +41,7 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
     embedding_size: size of the output embedding.
     kernel_set: 'auto' (by backend), 'xla' or 'xla_cpu' (see :mod:`multiface_jax.models.kernels`).
     **options: backbone-specific: ``dropout_rate`` (default 0.6, IR / IR-SE), ``width``
-      (default 1.0, MobileFaceNet: channels times this).
+      (default 1.0, MobileFaceNet and tiny: channels times this).
 
   Returns:
     An unbound ``flax.linen.Module``; call it as ``model.apply(variables, images, train=...)``.
@@ -52,7 +52,7 @@ def create_model(name: str, *, dtype: Any = jnp.float32, embedding_size: int = 5
   if name == 'mobilefacenet':
     allowed, factory = {'width'}, MobileFaceNet
   elif name == 'tiny':  # tests and smoke runs only; not an architecture of the original
-    allowed, factory = set(), TinyFaceNet
+    allowed, factory = {'width'}, TinyFaceNet
   elif name in _IR_VARIANTS:
     depth, use_se = _IR_VARIANTS[name]
     allowed = {'dropout_rate'}

@@ -25,11 +25,13 @@ class TinyFaceNet(nn.Module):
   Attributes:
     embedding_size: size of the output embedding.
     widths: channels of the four stride-2 stages.
+    width: the stages' channels times this (as MobileFaceNet's ``width``), at least 4.
     kernel_set: kernel set of the whole network (:mod:`multiface_jax.models.kernels`).
     dtype: compute dtype; params and the output are float32.
   """
   embedding_size: int = 512
   widths: Sequence[int] = (8, 16, 16, 32)
+  width: float = 1.0
   kernel_set: str = 'auto'
   dtype: Any = jnp.float32
 
@@ -49,9 +51,9 @@ class TinyFaceNet(nn.Module):
                        f'{images.shape}.')
     with kernels.use(self.kernel_set):
       x = images
-      for i, width in enumerate(self.widths):
-        x = layers.ConvBlock(width, (3, 3), 2, padding=1, dtype=self.dtype,
-                             name=f'stage_{i}')(x, train)
+      for i, channels in enumerate(self.widths):
+        x = layers.ConvBlock(max(4, round(channels * self.width)), (3, 3), 2, padding=1,
+                             dtype=self.dtype, name=f'stage_{i}')(x, train)
       x = layers.ConvBlock(x.shape[-1], (7, 7), 1, padding='VALID', depthwise=True,
                            activation=False, dtype=self.dtype, name='global_dw')(x, train)
       x = x.reshape(x.shape[0], -1)
