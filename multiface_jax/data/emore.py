@@ -7,6 +7,7 @@
 flag 0) hold only image records.
 """
 import glob
+import math
 import os
 
 from multiface_jax.data import recordio
@@ -43,6 +44,17 @@ def read_property(path):
   if num_classes <= 0 or height <= 0 or width <= 0:
     raise ValueError(f'{path}: num_classes, height and width must be positive, found {text!r}')
   return num_classes, (height, width)
+
+
+def _integer_labels(header, rec_path, where):
+  """The labels of a header or identity record as ints; RecordIOError when one is not an integer."""
+  labels = [float(header.label)] if header.flag == 0 else [float(v) for v in header.label]
+  for value in labels:
+    if not (math.isfinite(value) and value.is_integer()):
+      raise recordio.RecordIOError(
+          rec_path, where, f'label {value} is not an integer key (labels {labels[:4]}): the '
+          'record is corrupt; re-create the folder')
+  return [int(v) for v in labels]
 
 
 class EmoreFolder:
@@ -84,7 +96,7 @@ class EmoreFolder:
     header, _ = self._unpack(first_key)
     if header.flag == 0:
       return self.reader.keys(), range(0)
-    labels = [int(v) for v in header.label]
+    labels = _integer_labels(header, self.rec_path, f'key {first_key} (header record)')
     end_images = labels[0]
     end_identities = labels[1] if len(labels) > 1 else end_images
     if not 1 <= end_images <= len(self.reader):
@@ -92,6 +104,13 @@ class EmoreFolder:
           self.rec_path, f'key {first_key} (header record)',
           f'label[0] = {end_images} should be one past the last image key, but the file holds '
           f'{len(self.reader)} records: the header record is corrupt; re-create the folder')
+    # The identity records follow the images; a label past the file would list keys that do not
+    # exist (up to 2**127 of them from one float).
+    if end_identities > len(self.reader):
+      raise recordio.RecordIOError(
+          self.rec_path, f'key {first_key} (header record)',
+          f'label[1] = {end_identities} should be one past the last identity key, but the file '
+          f'holds {len(self.reader)} records: the header record is corrupt; re-create the folder')
     return range(1, end_images), range(end_images, max(end_images, end_identities))
 
   def _unpack(self, key):
@@ -130,9 +149,19 @@ class EmoreFolder:
     return int(label), payload
 
   def identity_range(self, key):
-    """Returns (first image key, last + 1) stored in the identity record `key`."""
+    """Returns (first image key, last + 1) stored in the identity record `key`.
+
+    Raises:
+      RecordIOError: unknown key, corrupt record, or a record without two integer labels.
+    """
     header, _ = self._unpack(key)
-    return int(header.label[0]), int(header.label[1])
+    labels = _integer_labels(header, self.rec_path, f'key {key}')
+    if len(labels) < 2:
+      raise recordio.RecordIOError(
+          self.rec_path, f'key {key}',
+          f'an identity record holds two labels (first image key, last + 1), this one holds '
+          f'{len(labels)}; is it an identity record?')
+    return labels[0], labels[1]
 
   def verification_bins(self):
     """Returns the sorted paths of the verification sets (`*.bin`) in the folder."""

@@ -158,21 +158,21 @@ class RecordIOReader:
     offsets = np.empty(len(lines), np.int64)
     try:
       # Two numeric columns: let numpy parse them in one go; fall back to a line loop to name the
-      # bad line when that fails.
+      # bad line when that fails (numpy raises OverflowError for numbers past int64).
       table = np.array(text.split(), dtype=np.int64).reshape(len(lines), 2)
       keys[:], offsets[:] = table[:, 0], table[:, 1]
-    except ValueError:
+    except (ValueError, OverflowError):
       for line_no, line in enumerate(lines, 1):
         fields = line.strip().split(b'\t')
         try:
           if len(fields) != 2:
             raise ValueError
           keys[line_no - 1], offsets[line_no - 1] = int(fields[0]), int(fields[1])
-        except ValueError:
+        except (ValueError, OverflowError):
           raise RecordIOError(self.idx_path, f'line {line_no}',
-                              f'expected "key<TAB>offset" with integers, found {line[:80]!r}; '
-                              'the .idx is corrupt: rebuild it or open the .rec without it '
-                              '(idx_path=None) to index by scanning') from None
+                              f'expected "key<TAB>offset" with 64-bit integers, found '
+                              f'{line[:80]!r}; the .idx is corrupt: rebuild it or open the .rec '
+                              'without it (idx_path=None) to index by scanning') from None
     if len(offsets):
       bad = np.flatnonzero((offsets < 0) | (offsets + _CHUNK_HEADER.size > self._size))
       if bad.size:

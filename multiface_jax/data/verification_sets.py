@@ -7,6 +7,11 @@ the two harmless helpers some writers need: `_codecs.encode` (how Python 3 write
 pickle protocol <= 2) and numpy's plain-array reconstruction, limited to bool/int/float dtypes.
 Anything else raises `UnsafePickleError` before it can run.
 
+Untrusted files cannot make the loader allocate much beyond what they hold: the unpickler keeps its
+memo in a dict (the C unpickler sizes an array by the largest memo index a file names), numpy arrays
+are only rebuilt the way numpy pickles them, and images are JPEG/PNG whose header size is checked
+(at most MAX_IMAGE_PIXELS, all alike) before any pixel is decoded.
+
 Images are decoded as stored, into RGB (PIL's order): the original MultiFace code swapped
 channels to BGR when loading; this project is RGB throughout.
 """
@@ -22,6 +27,9 @@ from PIL import Image
 from multiface_jax.data import emore
 
 _SAFE_DTYPE_KINDS = 'biuf'  # bool, signed and unsigned integers, floats
+# A face crop: insightface's sets hold 112x112 images. Bigger headers are refused before decoding.
+MAX_IMAGE_PIXELS = 1024 * 1024
+_IMAGE_FORMATS = ('JPEG', 'PNG')
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -48,8 +56,13 @@ def _numpy_multiarray():
   return multiarray
 
 
-class _SafeUnpickler(pickle.Unpickler):
-  """Resolves only the few globals listed in `_allowed`; every other name is refused."""
+class _SafeUnpickler(pickle._Unpickler):  # pylint: disable=protected-access
+  """Resolves only the few globals listed in `_allowed`; every other name is refused.
+
+  The pure-Python unpickler: its memo is a dict, where the C one grows an array to twice the
+  largest index a PUT names (one 5-byte LONG_BINPUT of 2**30 makes it zero 16 GiB). Files hold few
+  opcodes (a few per image), so the speed difference does not show.
+  """
 
   def __init__(self, file, path):
     super().__init__(file, encoding='bytes')  # Python 2 `str` images become bytes.
@@ -74,9 +87,17 @@ class _SafeUnpickler(pickle.Unpickler):
         refuse(f'numpy.dtype({spec!r})')
       return dtype
 
+    def ndarray_type(*args, **kwargs):  # what ('numpy', 'ndarray') resolves to
+      refuse(f'numpy.ndarray{args}: numpy pickles arrays through _reconstruct, never by calling '
+             'ndarray')
+
     def safe_reconstruct(subtype, shape, dtype_spec):
-      if subtype is not np.ndarray:
+      if subtype is not ndarray_type:
         refuse(f'numpy array of type {subtype!r}')
+      # numpy pickles an array as an empty one plus a state holding the shape and the bytes
+      # (checked against each other by __setstate__); a shape here would be allocated unfilled.
+      if not isinstance(shape, tuple) or 0 not in shape:
+        refuse(f'numpy _reconstruct of shape {shape!r} (numpy writes (0,))')
       return multiarray._reconstruct(np.ndarray, shape, safe_dtype(dtype_spec))
 
     def safe_scalar(dtype, *args):
@@ -92,7 +113,7 @@ class _SafeUnpickler(pickle.Unpickler):
     self._allowed = {
         ('_codecs', 'encode'): encode_latin1,
         ('numpy', 'dtype'): safe_dtype,
-        ('numpy', 'ndarray'): np.ndarray,
+        ('numpy', 'ndarray'): ndarray_type,
         ('numpy.core.multiarray', '_reconstruct'): safe_reconstruct,
         ('numpy._core.multiarray', '_reconstruct'): safe_reconstruct,
         ('numpy.core.multiarray', 'scalar'): safe_scalar,
@@ -118,10 +139,15 @@ def _as_encoded_bytes(item, index, path):
 
 
 def _as_issame(issame, num_images, path):
-  values = np.asarray(issame)
-  if values.ndim != 1 or not (values.dtype == bool or np.isin(values, (0, 1)).all()):
-    raise ValueError(f'{path}: issame_list must be a flat list of booleans, got '
-                     f'{values.dtype} of shape {values.shape}; not a verification .bin')
+  try:
+    values = np.asarray(issame)
+    flat_bools = values.ndim == 1 and (values.dtype == bool or bool(np.isin(values, (0, 1)).all()))
+    found = f'{values.dtype} of shape {values.shape}'
+  except (ValueError, TypeError, RecursionError):  # ragged, self-containing or odd contents
+    flat_bools, found = False, f'a {type(issame).__name__} numpy cannot read as an array'
+  if not flat_bools:
+    raise ValueError(f'{path}: issame_list must be a flat list of booleans, got {found}; not a '
+                     'verification .bin')
   if num_images != 2 * len(values):
     raise ValueError(f'{path}: {num_images} images for {len(values)} pairs (need exactly 2 per '
                      'pair): the file is truncated or not a verification .bin')
@@ -160,9 +186,32 @@ def read_bin(path):
   return encoded, _as_issame(issame, len(encoded), path)
 
 
-def decode_image(encoded):
-  """Decodes JPEG/PNG bytes to an RGB uint8 (H, W, 3) array (gray images get 3 channels)."""
-  with Image.open(io.BytesIO(encoded)) as image:
+class ImageSizeError(ValueError):
+  """An image whose header size is refused (read before decoding it)."""
+
+  def __init__(self, size, message=None):
+    self.size = tuple(size)
+    super().__init__(message or f'image is {self.size}')
+
+
+def decode_image(encoded, size=None):
+  """Decodes JPEG/PNG bytes to an RGB uint8 (H, W, 3) array (gray images get 3 channels).
+
+  Args:
+    encoded: the image bytes.
+    size: the (height, width) the image must have, or None for any size up to MAX_IMAGE_PIXELS.
+
+  Raises:
+    ImageSizeError: the header gives another size (or too many pixels); nothing was decoded.
+    OSError, ValueError, ...: PIL's errors for bytes that are not a decodable JPEG/PNG.
+  """
+  with Image.open(io.BytesIO(encoded), formats=_IMAGE_FORMATS) as image:
+    width, height = image.size
+    if size is not None and (height, width) != tuple(size):
+      raise ImageSizeError((height, width))
+    if width * height > MAX_IMAGE_PIXELS:
+      raise ImageSizeError((height, width), f'{width}x{height} pixels is more than the '
+                           f'{MAX_IMAGE_PIXELS:,} a face crop of a verification set may have')
     return np.asarray(image.convert('RGB'))
 
 
@@ -185,9 +234,15 @@ def load_bin(path, *, num_threads=4):
   if not encoded:
     raise ValueError(f'{path}: holds no pairs')
 
-  def decode(index):
+  def decode(index, size=None):
     try:
-      return decode_image(encoded[index])
+      return decode_image(encoded[index], size)
+    except ImageSizeError as e:
+      if size is None:
+        raise ValueError(f'{path}: image {index} (pair {index // 2}): {e}; not a verification '
+                         'set (or one of uncropped photos: crop the faces first)') from None
+      raise ValueError(f'{path}: image {index} is {e.size}, image 0 is {size}; all images of a '
+                       'set must have one size') from None
     except Exception as e:
       raise ValueError(f'{path}: image {index} (pair {index // 2}) cannot be decoded '
                        f'({type(e).__name__}: {e}); the file is corrupt') from None
@@ -197,11 +252,8 @@ def load_bin(path, *, num_threads=4):
   images[0] = first
 
   def decode_into(index):
-    image = decode(index)
-    if image.shape != first.shape:
-      raise ValueError(f'{path}: image {index} is {image.shape[:2]}, image 0 is '
-                       f'{first.shape[:2]}; all images of a set must have one size')
-    images[index] = image
+    # The header's size is checked before decoding: a mismatch costs no pixel memory.
+    images[index] = decode(index, first.shape[:2])
 
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     for _ in pool.map(decode_into, range(1, len(encoded))):

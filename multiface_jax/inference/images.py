@@ -7,6 +7,12 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Larger images are refused before they are decoded (a decompression bomb would take all memory).
 MAX_PIXELS = 80_000_000
+# The formats read as photos. Others are refused: in ICO/ICNS/CUR the size checked above is only a
+# directory entry (the embedded image, of any size, is decoded first), and EPS runs Ghostscript.
+PHOTO_FORMATS = ('JPEG', 'PNG', 'GIF', 'BMP', 'TIFF', 'WEBP', 'AVIF', 'PPM')
+# Register every PIL plugin now: PIL does it lazily on the first open of a format it has not
+# loaded, and threads that open files at once (from_folder) can race there (KeyError 'MPO').
+Image.init()
 
 
 class ImageError(ValueError):
@@ -14,9 +20,10 @@ class ImageError(ValueError):
 
 
 def image_extensions() -> set[str]:
-  """The file extensions PIL opens (lower case, with the dot)."""
+  """The file extensions of PHOTO_FORMATS (lower case, with the dot)."""
   Image.init()
-  return set(Image.registered_extensions())
+  formats = PHOTO_FORMATS + ('MPO',)  # a JPEG with more frames, opened as JPEG
+  return {ext for ext, fmt in Image.registered_extensions().items() if fmt in formats}
 
 
 def list_images(root: str) -> list[str]:
@@ -40,12 +47,13 @@ def open_rgb(path: str) -> Image.Image:
 
   Raises:
     FileNotFoundError: no such file.
-    ImageError: PIL cannot decode it, or it has more than MAX_PIXELS pixels.
+    ImageError: not one of PHOTO_FORMATS, PIL cannot decode it, or it has more than MAX_PIXELS
+      pixels.
   """
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file.')
   try:
-    with Image.open(path) as image:
+    with Image.open(path, formats=PHOTO_FORMATS) as image:
       width, height = image.size
       if width * height > MAX_PIXELS:
         raise ImageError(f'{path}: {width}x{height} pixels is more than the {MAX_PIXELS:,} '
@@ -54,7 +62,8 @@ def open_rgb(path: str) -> Image.Image:
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     if isinstance(e, ImageError):
       raise
-    raise ImageError(f'{path}: not a readable image ({e}).') from None
+    raise ImageError(f'{path}: not a readable image ({e}); photos are read as '
+                     f'{", ".join(PHOTO_FORMATS)}.') from None
 
 
 def read_rgb(path: str) -> np.ndarray:

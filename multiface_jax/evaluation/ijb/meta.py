@@ -25,6 +25,9 @@ _CONTENTS = {
 }
 
 
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 class IJBError(ValueError):
   """A meta file that is missing or malformed; the message names the file, the line and the fix."""
 
@@ -59,12 +62,21 @@ def meta_path(root: str, target: str, name: str) -> str:
   return os.path.join(root, target, 'meta', f'{target.lower()}_{name}')
 
 
+def _read_text(path: str) -> list[str]:
+  """The lines of a meta file; IJBError naming the file when it is not UTF-8 text."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      return f.readlines()
+  except UnicodeDecodeError as e:
+    raise IJBError(f'{path}: not UTF-8 text ({e}); is it a damaged copy of the meta file?') \
+        from None
+
+
 def _lines(path: str, what: str) -> list[list[str]]:
   if not os.path.isfile(path):
     raise IJBError(f'{path} is missing: it should hold {what} (insightface\'s IJB meta files, '
                    'as distributed with its IJB evaluation).')
-  with open(path, encoding='utf-8') as f:
-    return [line.split() for line in f if line.strip()]
+  return [line.split() for line in _read_text(path) if line.strip()]
 
 
 def _table(path: str, what: str, columns: int, kinds: str) -> list[np.ndarray]:
@@ -81,31 +93,33 @@ def _table(path: str, what: str, columns: int, kinds: str) -> list[np.ndarray]:
       continue
     try:
       out.append(np.array(values, dtype=np.int64 if kind == 'i' else np.float64))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer past int64
       number = next(n for n, v in enumerate(values, 1) if not _is_number(v, kind))
       raise IJBError(f'{path}:{number}: field {index + 1} is {values[number - 1]!r}, not '
-                     f'{"an integer" if kind == "i" else "a number"} ({what}).') from None
+                     f'{"a 64-bit integer" if kind == "i" else "a number"} ({what}).') from None
   return out
 
 
 def _is_number(text: str, kind: str) -> bool:
+  """Whether numpy reads `text` as an int64 ('i') or a float64 (the same parse as the column's)."""
   try:
-    (int if kind == 'i' else float)(text)
+    np.array([text], dtype=np.int64 if kind == 'i' else np.float64)
     return True
-  except ValueError:
+  except (ValueError, OverflowError):
     return False
 
 
 def _subjects_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(templates, subjects), one per template, of a 1:N CSV (header, TEMPLATE_ID,SUBJECT_ID,...)."""
-  with open(path, encoding='utf-8') as f:
-    rows = [line.strip().split(',') for line in f if line.strip()]
+  rows = [line.strip().split(',') for line in _read_text(path) if line.strip()]
   pairs = {}
   for number, row in enumerate(rows[1:], 2):
     try:
       template, subject = int(row[0]), int(row[1])
+      if not all(_INT64_MIN <= v <= _INT64_MAX for v in (template, subject)):
+        raise ValueError
     except (ValueError, IndexError):
-      raise IJBError(f'{path}:{number}: expected TEMPLATE_ID,SUBJECT_ID,... integers, got '
+      raise IJBError(f'{path}:{number}: expected TEMPLATE_ID,SUBJECT_ID,... 64-bit integers, got '
                      f'{",".join(row[:2])!r}.') from None
     if pairs.setdefault(template, subject) != subject:
       raise IJBError(f'{path}:{number}: template {template} has two subjects.')
