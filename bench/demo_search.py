@@ -34,6 +34,12 @@ CANDIDATES = {
     'augment_20ep': {**AUGMENT, 'model.options.width': 1.0, 'num_epochs': 20.0},
     'augment_w0.5': {**AUGMENT, 'model.options.width': 0.5, 'num_epochs': 10.0},
     'augment_w0.5_20ep': {**AUGMENT, 'model.options.width': 0.5, 'num_epochs': 20.0},
+    'light_b25': {**LIGHT, 'model.options.width': 1.0, 'num_epochs': 10.0, 'batch_size': 25},
+    'augment_b25': {**AUGMENT, 'model.options.width': 1.0, 'num_epochs': 10.0, 'batch_size': 25},
+    'light_b25_lr0.2': {**LIGHT, 'model.options.width': 1.0, 'num_epochs': 10.0,
+                        'batch_size': 25, 'optimizer.lr': 0.2},
+    'light_b25_w0.5_20ep': {**LIGHT, 'model.options.width': 0.5, 'num_epochs': 20.0,
+                            'batch_size': 25},
 }
 
 
