@@ -23,7 +23,7 @@ What the conversion does:
 - Colour: the original trains on **BGR** images, so its weights expect BGR. Every model here takes
   RGB, so by default the first convolution's input channels are reversed; the imported model then
   gives on RGB images exactly what the PyTorch model gives on the same images in BGR.
-- ``.pth`` files are read with ``torch.load(weights_only=True)`` only: a pickle that would run code
+- ``.pth`` files are read (``pth_files``) with ``torch.load(weights_only=True)`` only: a pickle that would run code
   is refused (:class:`UnsafeCheckpointError`); a damaged file, or an archive whose members would
   inflate beyond the file's size, is a :class:`UnreadableCheckpointError`.
 
