@@ -57,6 +57,62 @@ def flat_variables(params, batch_stats) -> dict[str, np.ndarray]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
+def flat_state(state, local_value=np.asarray) -> dict[str, np.ndarray]:
+  """Every leaf of a train state (step, params, batch_stats, opt_state, rng, head_momentum),
+  flattened to numpy with keystr names: what a bit-exact comparison of two states compares."""
+  return {jax.tree_util.keystr(path): local_value(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def assert_bit_identical(got: dict, expected: dict, what: str) -> None:
+  """The same leaves, each with the same dtype, shape and bytes (NaN payloads and -0.0 too)."""
+  assert set(got) == set(expected), (what, sorted(set(got) ^ set(expected)))
+  for name, value in expected.items():
+    other = np.asarray(got[name])
+    assert other.dtype == value.dtype and other.shape == value.shape, (what, name)
+    if other.tobytes() != value.tobytes():
+      diff = np.max(np.abs(other.astype(np.float64) - value.astype(np.float64)))
+      raise AssertionError(f'{what}: {name} differs (max |diff| {diff:.3g})')
+
+
+def describe_layout(tree) -> dict[str, dict]:
+  """How each jax.Array leaf of `tree` lies on its devices, as JSON-able facts: its
+  PartitionSpec entries, the mesh's axis sizes, whether it is fully replicated, its global and
+  per-device shapes, and how many distinct pieces the devices hold."""
+  layout = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    sharding = leaf.sharding
+    pieces = {tuple((s.start, s.stop) for s in index)
+              for index in sharding.devices_indices_map(leaf.shape).values()}
+    spec = getattr(sharding, 'spec', None)
+    layout[jax.tree_util.keystr(path)] = {
+        'spec': None if spec is None else [list(a) if isinstance(a, tuple) else a for a in spec],
+        'mesh': dict(sharding.mesh.shape) if hasattr(sharding, 'mesh') else None,
+        'replicated': bool(sharding.is_fully_replicated), 'shape': list(leaf.shape),
+        'shard_shape': list(sharding.shard_shape(leaf.shape)), 'pieces': len(pieces)}
+  return layout
+
+
+def class_sharding_problems(layout: dict[str, dict], head_leaves: set[str],
+                            model_axis: int) -> list[str]:
+  """What in `layout` (``describe_layout``) breaks the promised layout: the leaves `head_leaves`
+  split along their class axis (the last) over the mesh's 'model' axis of size `model_axis`
+  (PartitionSpec(None, None, 'model'), `model_axis` distinct pieces), every other leaf whole
+  on every device. Returns one line per problem (empty: the layout is as promised)."""
+  problems = [f'{name}: no such leaf' for name in sorted(head_leaves - set(layout))]
+  for name, leaf in sorted(layout.items()):
+    if name in head_leaves:
+      shape, shard = leaf['shape'], leaf['shard_shape']
+      mesh = leaf['mesh'] or {}
+      if (leaf['spec'] != [None, None, 'model'] or mesh.get('model') != model_axis or
+          leaf['pieces'] != model_axis or leaf['replicated'] or
+          shard != [*shape[:-1], shape[-1] // model_axis]):
+        problems.append(f'{name}: not class-sharded: {leaf}')
+    elif not leaf['replicated'] or leaf['pieces'] != 1:
+      problems.append(f'{name}: not replicated: {leaf}')
+  return problems
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))

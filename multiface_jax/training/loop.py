@@ -79,23 +79,27 @@ def _train_loop(trainer, config, workdir, plan, writer, manager, watcher) -> Tra
                                            every_steps=config.log_every_steps)
   batches = trainer.input_iter(start_step)
   pending = []  # (step, metrics) not yet checked on the host
-  checked_step = start_step
+  checked_step = start_step  # the losses are known finite up to this step ...
+  params_checked_step = start_step  # ... and the parameters at this one (the last save)
 
   def check_finite(step, params_too):
-    nonlocal checked_step
-    bad = first_non_finite(pending)
+    nonlocal checked_step, params_checked_step
+    bad, since = first_non_finite(pending), checked_step
     if bad is None and params_too and not bool(trainer.all_finite(state.params)):
-      bad = step
+      # Finite losses do not vouch for the parameters: they broke after the last save.
+      bad, since = step, params_checked_step
     if bad is not None:
       manager.wait_until_finished()  # an earlier, good save may still be in flight
       last = manager.latest_step()
       raise FloatingPointError(
-          f'Non-finite loss or parameters between steps {checked_step + 1} and {step} (first '
+          f'Non-finite loss or parameters between steps {since + 1} and {step} (first '
           f'seen at step {bad}); stopped without saving. The newest checkpoint '
           f'({"step " + str(last) if last is not None else "none"}) in '
           f'{checkpointing.checkpoint_dir(workdir)} is the last good one. Lower '
           f'optimizer.lr (now {config.optimizer.lr}) or add optimizer.warmup_epochs.')
     checked_step = step
+    if params_too:
+      params_checked_step = step
 
   def save(step):
     nonlocal last_saved
