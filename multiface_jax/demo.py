@@ -73,19 +73,21 @@ def run_split(config, split, faces_dir: str, data_root: str, workdir: str, *, al
   """
   # pylint: disable=import-outside-toplevel
   import jax
-  from multiface_jax.data import orl, verification_sets
-  from multiface_jax.evaluation import baselines, embed, evaluator
+  from multiface_jax.data import orl
+  from multiface_jax.evaluation import baselines, evaluator as evaluator_lib
   from multiface_jax.training import loop, trainer
   start = time.perf_counter()
   config.data_dir = orl.prepare_split(faces_dir, data_root, split, align=align, seed=config.seed)
   eval_name = orl.VALIDATION_SET if split.validation else orl.HELDOUT_SET
   state = loop.train_and_evaluate(config, workdir)
-  images, issame = verification_sets.load_bin(os.path.join(config.data_dir, f'{eval_name}.bin'))
+  evaluator = evaluator_lib.Evaluator(config.data_dir, batch_size=config.eval_batch_size,
+                                      num_spheres=config.head.num_spheres, names=[eval_name])
+  images, issame = evaluator.sets[eval_name]
 
   summaries, curves = {}, {}
 
   def add(label, metrics):
-    summaries[label] = evaluator.summary(metrics)
+    summaries[label] = evaluator_lib.summary(metrics)
     curves[label] = (metrics['fpr'], metrics['tpr'])
 
   train_images, train_labels = orl.training_images(config.data_dir)
@@ -98,11 +100,11 @@ def run_split(config, split, faces_dir: str, data_root: str, workdir: str, *, al
                          train=False)
   trained = {'params': state.params['backbone'], 'batch_stats': state.batch_stats}
   for label, variables in ((UNTRAINED, untrained), (TRAINED, trained)):
-    embeddings, _ = embed.extract_embeddings(apply_fn, variables, images,
-                                             batch_size=config.eval_batch_size)
-    summaries[label], network_curves = evaluator.evaluate_embeddings(
-        embeddings, issame, config.head.num_spheres)
-    curves[label] = next(iter(network_curves.values()))
+    results, network_curves = evaluator.evaluate(apply_fn, variables)
+    summaries[label] = results[eval_name]
+    curves[label] = next(iter(network_curves[eval_name].values()))
+  # Like any evaluated run: `verify --checkpoint=<split run>` finds its threshold there.
+  evaluator.write_files(results, network_curves, step=int(state.step), workdir=workdir)
   return SplitResult(split, summaries, curves, time.perf_counter() - start)
 
 

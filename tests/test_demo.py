@@ -106,7 +106,11 @@ def test_demo_command_cross_validates_and_ends_with_the_table(tmp_path):
       np.mean(per_split))
   assert f'{100 * over["accuracy_mean"]:.2f} ± {100 * over["accuracy_std"]:.2f}' in table[2]
   assert (workdir / 'demo_roc.png').stat().st_size > 10_000
-  assert (workdir / 'split1_heldout_s1-s4_train4' / 'checkpoints' / '1').is_dir()
+  split_run = workdir / 'split1_heldout_s1-s4_train4'
+  assert (split_run / 'checkpoints' / '1').is_dir()
+  with open(split_run / 'eval' / 'results_step1.json') as f:  # where `verify` finds a threshold
+    assert json.load(f)['results']['heldout']['accuracy_mean'] == pytest.approx(
+        results['splits'][0]['results']['trained network']['accuracy_mean'])
   # The console carries the demo's own lines only: no absl/Orbax INFO or WARNING lines, no
   # TensorFlow notices, no read-only checkpoint warnings.
   console = out.stdout + out.stderr

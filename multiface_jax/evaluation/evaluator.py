@@ -217,22 +217,33 @@ class Evaluator:
       {set name: {accuracy_mean, accuracy_std, accuracy_folds, best_threshold, val, val_std, far,
       num_pairs, xnorm, and with several spheres `spheres`: one such dict (no xnorm) per sphere}}.
     """
+    results, curves = self.evaluate(apply_fn, variables)
+
+    if jax.process_index() == 0:
+      if report:
+        print(format_table(results, label=label or f'step {step}'), flush=True)
+      if workdir is not None:
+        self.write_files(results, curves, step=step, workdir=workdir)
+      if writer is not None:
+        writer.write_scalars(step, _scalars(results))
+        writer.flush()
+    return results
+
+  def evaluate(self, apply_fn: embed.ApplyFn, variables: Any
+               ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Every set's results (as :meth:`run` returns them) and ROC curves, quietly.
+
+    Returns:
+      ``(results, curves)``; curves: {set name: {label: (fpr, tpr)}}, the whole embedding's
+      first, then each sphere's.
+    """
     results, curves = {}, {}
     for name, (images, issame) in self.sets.items():
       embeddings, xnorm = embed.extract_embeddings(apply_fn, variables, images,
                                                    batch_size=self.batch_size, mesh=self.mesh)
       results[name], curves[name] = evaluate_embeddings(embeddings, issame, self.num_spheres)
       results[name]['xnorm'] = xnorm
-
-    if jax.process_index() == 0:
-      if report:
-        print(format_table(results, label=label or f'step {step}'), flush=True)
-      if workdir is not None:
-        self._write_files(results, curves, step=step, workdir=workdir)
-      if writer is not None:
-        writer.write_scalars(step, _scalars(results))
-        writer.flush()
-    return results
+    return results, curves
 
   def run_raw_pixels(self) -> dict[str, dict[str, Any]]:
     """The raw-pixel baseline (``baselines.RawPixels``) on every set, computed once."""
@@ -242,7 +253,9 @@ class Evaluator:
           for name, (images, issame) in self.sets.items()}
     return self._raw_pixel_results
 
-  def _write_files(self, results, curves, *, step, workdir):
+  def write_files(self, results: dict[str, Any], curves: dict[str, Any], *, step: int,
+                  workdir: str) -> None:
+    """``{workdir}/eval/results_step{step}.json`` and one ROC PNG per set (see :meth:`run`)."""
     out_dir = os.path.join(workdir, 'eval')
     os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, f'results_step{step}.json'),
