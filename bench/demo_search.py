@@ -50,6 +50,13 @@ CANDIDATES = {
     'light_b25_lr0.2_w0.5_15ep': {**LIGHT, 'model.options.width': 0.5, 'num_epochs': 15.0,
                                   'batch_size': 25, 'optimizer.lr': 0.2},
 }
+# The base settings of configs/demo_orl.py, checked again around the best of the above.
+BEST = CANDIDATES['light_b25_lr0.2_w0.5_15ep']
+CANDIDATES.update({
+    'best_s64': {**BEST, 'head.scale': 64.0},
+    'best_wd4e-5': {**BEST, 'optimizer.weight_decay_backbone': 4e-5},
+    'best_n1': {**BEST, 'head.num_spheres': 1},
+})
 
 
 def main():

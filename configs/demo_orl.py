@@ -1,37 +1,48 @@
-"""The embedded demo: MobileFaceNet, Multi-ArcFace N=2, on 30 ORL / AT&T identities (300 images).
+"""The embedded demo: MobileFaceNet (half width), Multi-ArcFace N=2, on 30 ORL / AT&T people.
 
-Run through `make demo` (which prepares the data and evaluates on 10 held-out identities), or::
+  python -m multiface_jax.demo --workdir=runs/demo          (what `make demo` runs)
 
-  python -m multiface_jax.demo --workdir=runs/demo
+Four splits each train on 30 people (300 gray 92x112 photos, detected and aligned to 112x112)
+and are evaluated on the 10 others; the demo prints the accuracy on those held-out people next
+to raw pixels, eigenfaces, Fisherfaces and a pretrained recogniser (README, "Quick start").
 
-Same model, head, optimiser and pipeline as the published rows; only the data is small: 30
-identities x 10 gray 92x112 faces padded to 112x112. A short cosine schedule with warmup replaces
-the 20-epoch step schedule, and the batch is smaller so an epoch has several steps.
+Same model family, head, optimiser and pipeline as the published rows, sized for 300 images and
+a few minutes of a 2-core CPU per split: MobileFaceNet at half width, 15 epochs of batch 25
+under a cosine schedule with warmup, s = 32, backbone weight decay 5e-4 (the IR-SE value; the
+original's 4e-5 is tuned for 5.8M images), and light augmentation (shifts, zooms, rotations,
+brightness and contrast) besides the flips.
 
-The settings that differ from the published recipe (10 epochs, s = 32, backbone weight decay
-5e-4, which is the IR-SE value; the original's 4e-5 is tuned for 5.8M images) were chosen on seed
-0 among four candidates, by held-out accuracy: 300 images of 30 people are easy to memorise, and
-20 epochs at s = 64 reach ~100% training accuracy with less held-out accuracy.
+How the settings were chosen: by `bench/demo_search.py`, on validation people only. Splits 1
+and 3 each set 10 of their 30 training people aside, trained every candidate on the other 20 and
+scored it on pairs of those 10; the held-out people were never read. Seventeen candidates
+(augmentation strength, epochs, batch size, learning rate, width, s, weight decay, one sphere),
+among them only those that train four splits in the demo's time could be chosen; the scores are
+in bench/RESULTS.md.
 """
 from configs import default
 
 
 def get_config():
-  """MobileFaceNet + 2-sphere ArcFace (m = 0.3, the multi-sphere default; s = 32) on ORL."""
+  """MobileFaceNet x0.5 + 2-sphere ArcFace (m = 0.3, the multi-sphere default; s = 32) on ORL."""
   config = default.get_config()
-  config.model.options.width = 1.0
+  config.model.options.width = 0.5
   config.head.kind = 'arcface'
   config.head.num_spheres = 2
   config.head.margin = 0.3
   config.head.scale = 32.0
-  config.batch_size = 50
-  config.num_epochs = 10.0
-  config.optimizer.lr = 0.1
+  config.augment.shift = 0.04
+  config.augment.zoom = 0.05
+  config.augment.rotate = 5.0
+  config.augment.brightness = 0.05
+  config.augment.contrast = 0.1
+  config.batch_size = 25
+  config.num_epochs = 15.0
+  config.optimizer.lr = 0.2
   config.optimizer.schedule = 'cosine'
   config.optimizer.warmup_epochs = 2.0
   config.optimizer.weight_decay_backbone = 5e-4
-  config.log_every_steps = 6
-  config.checkpoint_every_steps = 60
+  config.log_every_steps = 12
+  config.checkpoint_every_steps = 90
   config.keep_checkpoints = 2
   # The demo evaluates once, after training, next to its baselines.
   config.eval_during_training = False

@@ -241,7 +241,9 @@ def main(argv):
   print(f'[demo] TensorBoard: tensorboard --logdir={os.path.abspath(FLAGS.workdir)}')
   print(f'\n[demo] verification accuracy (%) on {people}, cross-validated over people.\n'
         '[demo] per split: mean ± std over the 10 folds; first column: mean ± std over splits.')
-  print(evaluator.format_table(table_rows(results, config.model.name)))
+  width = config.model.options.to_dict().get('width', 1.0)
+  model = config.model.name + (f' x{width:g}' if width != 1.0 else '')
+  print(evaluator.format_table(table_rows(results, model)))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Embeds every face of a folder of photos: detect, align, embed.
 
-  python -m multiface_jax.embed --checkpoint=runs/demo --src=PHOTOS --out=faces.npz [--all_faces]
+  python -m multiface_jax.embed --checkpoint=runs/mfn_arcface_n2 --src=PHOTOS --out=faces.npz [--all_faces]
 
 --checkpoint is any checkpoint of the project (a run folder, a step folder, imported weights); it
 records its model. Every image under --src (searched recursively) is read upright as RGB, its

@@ -1,6 +1,6 @@
 """Exports a checkpoint's backbone to ONNX in arcface_torch's convention, and checks it.
 
-  python -m multiface_jax.export --checkpoint=runs/demo --out=model.onnx
+  python -m multiface_jax.export --checkpoint=runs/mfn_arcface_n2 --out=model.onnx
 
 Writes model.onnx (input float32 NCHW (batch, 3, 112, 112), RGB, normalised as
 (x / 255 - 0.5) / 0.5; output the embedding as the JAX model returns it; dynamic batch) and

@@ -1,7 +1,7 @@
 """Are two photos the same person? Their similarity, and the decision at a named threshold.
 
-  python -m multiface_jax.verify --checkpoint=runs/demo A.jpg B.jpg [--threshold=0.45]
-  python -m multiface_jax.verify --checkpoint=runs/demo --threshold_set=lfw A.jpg B.jpg
+  python -m multiface_jax.verify --checkpoint=runs/mfn_arcface_n2 A.jpg B.jpg [--threshold=0.45]
+  python -m multiface_jax.verify --checkpoint=runs/mfn_arcface_n2 --threshold_set=lfw A.jpg B.jpg
 
 The largest face of each photo is detected, aligned and embedded with flip TTA (--aligned: the
 photos are 112x112 crops); the similarity is the cosine of the two embeddings. "Same" when it is

@@ -143,8 +143,8 @@ def prepare_split(faces_dir: str, data_root: str, split: Split, *, align: bool, 
   if not os.path.exists(bin_path):
     encoded, issame = make_pairs.make_pairs([identity(i) for i in eval_ids], make_pairs.ALL_SAME,
                                             seed, load=load)
-    log(f'[demo] writing {len(issame)} pairs of {len(eval_ids)} {eval_name} identities to '
-        f'{bin_path}')
+    who = 'validation' if split.validation else 'held-out'
+    log(f'[demo] writing {len(issame)} pairs of {len(eval_ids)} {who} identities to {bin_path}')
     verification_sets.save_bin(bin_path, encoded, issame)
   if not os.path.exists(os.path.join(tfrecord_dir, 'metadata.json')):
     convert.convert(emore_dir, tfrecord_dir, seed=seed, progress=False)

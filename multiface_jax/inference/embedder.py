@@ -1,6 +1,6 @@
 """From faces to embeddings: one object for aligned crops and for raw photos.
 
-  embedder = FaceEmbedder.from_checkpoint('runs/demo')        # any checkpoint of the project
+  embedder = FaceEmbedder.from_checkpoint('runs/mfn_arcface_n2')   # any checkpoint of the project
   vectors = embedder.embed_aligned(crops_uint8)                # (n, 112, 112, 3) -> (n, 512)
   faces = embedder.embed_photo(read_rgb('me.jpg'))             # detect, align, embed
 
