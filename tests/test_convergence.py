@@ -29,9 +29,12 @@ def test_steps_to_target_uses_the_mean_of_the_last_five_steps():
                                     'heldout': [0.8 + s / 10]}
           for n in (1, 2) for s in (0, 1)}  # the first all-correct window ends at 8 + n + s
   rows = convergence.summarize(runs)
-  assert [(r['spheres'], r['steps_to_target']) for r in rows] == [(1, [9, 10]), (2, [10, 11])]
+  assert [(r['spheres'], r['steps_to'][0.9]) for r in rows] == [(1, [9, 10]), (2, [10, 11])]
+  # 50%: the first window with 3 of 5 correct steps ends at 6 + n + s.
+  assert [r['steps_to'][0.5] for r in rows] == [[7, 8], [8, 9]]
   np.testing.assert_allclose(rows[0]['final_heldout'], [0.8, 0.9])
-  assert '| arcface | 1 | 2 | 9.5 ± 0.5 | 85.00 ± 5.00 |' in convergence.format_rows(rows)
+  assert ('| arcface | 1 | 2 | 7.5 ± 0.5 | 8.5 ± 0.5 | 9.5 ± 0.5 | 85.00 ± 5.00 |'
+          in convergence.format_rows(rows))
 
 
 def test_a_short_run_on_synthetic_data_writes_the_runs_the_plot_and_the_table(tmp_path):
@@ -51,4 +54,4 @@ def test_a_short_run_on_synthetic_data_writes_the_runs_the_plot_and_the_table(tm
     assert all(np.isfinite(run['loss'])) and run['loss'][0] > 0
   assert runs['cosface_n2_seed0']['loss'] != runs['arcface_n2_seed0']['loss']
   assert (tmp_path / 'convergence.png').stat().st_size > 10_000
-  assert '| cosface | 2 | 1 | not reached | not reached |' in out.stdout
+  assert '| cosface | 2 | 1 | not reached | not reached | not reached | not reached |' in out.stdout
