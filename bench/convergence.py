@@ -23,6 +23,7 @@ import time
 
 from multiface_jax import cpu_tuning
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's import-time notices
 cpu_tuning.configure()
 
 # pylint: disable=wrong-import-position

@@ -16,6 +16,7 @@ import time
 
 from multiface_jax import cpu_tuning
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's import-time notices
 cpu_tuning.configure()
 
 # pylint: disable=wrong-import-position
@@ -80,11 +81,11 @@ def main():
     results = demo.run_demo(config, os.path.join(args.workdir, name),
                             data_root=os.path.join(args.workdir + '_data'), splits=splits,
                             validation_identities=10, with_sface=False)
-    over = demo._over_splits(results, demo.TRAINED)  # pylint: disable=protected-access
+    over = demo.over_splits(results, demo.TRAINED)
     scores[name] = {'overrides': overrides, 'splits': splits, 'seconds': time.perf_counter() - start,
                     **{k: over[k] for k in ('accuracy_mean', 'accuracy_std', 'per_split')},
-                    'raw_pixels': demo._over_splits(results, 'raw pixels')['accuracy_mean'],
-                    'fisherfaces': [demo._over_splits(results, label)['accuracy_mean']
+                    'raw_pixels': demo.over_splits(results, 'raw pixels')['accuracy_mean'],
+                    'fisherfaces': [demo.over_splits(results, label)['accuracy_mean']
                                     for label in results[0].summaries
                                     if label.startswith('Fisher')][0]}
     os.makedirs(args.workdir, exist_ok=True)

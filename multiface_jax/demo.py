@@ -108,7 +108,7 @@ def run_split(config, split, faces_dir: str, data_root: str, workdir: str, *, al
   return SplitResult(split, summaries, curves, time.perf_counter() - start)
 
 
-def _over_splits(results: list[SplitResult], label: str) -> dict[str, Any]:
+def over_splits(results: list[SplitResult], label: str) -> dict[str, Any]:
   """Mean and std over the splits of a row's accuracy (and of each sphere's)."""
   def stats(accuracies):
     return {'accuracy_mean': float(np.mean(accuracies)), 'accuracy_std': float(np.std(accuracies)),
@@ -127,7 +127,7 @@ def table_rows(results: list[SplitResult], model_name: str) -> list[tuple[str, d
   rows = []
   for label in results[0].summaries:
     shown = f'{label} ({model_name})' if label in (TRAINED, UNTRAINED) else label
-    cells = {mean_column: _over_splits(results, label)}
+    cells = {mean_column: over_splits(results, label)}
     cells.update({r.split.heldout_label if not r.split.validation else
                   f'val. of {r.split.heldout_label}': r.summaries[label] for r in results})
     rows.append((shown, cells))
@@ -143,7 +143,7 @@ def write_outputs(results: list[SplitResult], workdir: str) -> tuple[str, str]:
       'splits': [{'heldout': list(r.split.heldout), 'validation': list(r.split.validation),
                   'train': list(r.split.train), 'seconds': r.seconds, 'results': r.summaries}
                  for r in results],
-      'over_splits': {label: _over_splits(results, label) for label in results[0].summaries}}
+      'over_splits': {label: over_splits(results, label) for label in results[0].summaries}}
   json_path = os.path.join(workdir, 'demo_results.json')
   with open(json_path + '.tmp', 'w') as f:
     json.dump(payload, f, indent=2)
