@@ -94,7 +94,7 @@ def test_demo_command_cross_validates_and_ends_with_the_table(tmp_path):
   rows = [line.split('|')[1].strip() for line in table[2:]]
   assert rows[:4] == ['raw pixels', 'eigenfaces (whitened PCA 39)',
                       'Fisherfaces (PCA 36 + LDA)', 'SFace (pretrained, reference)']
-  assert rows[4:] == [f'{which} network (tiny){part}' for which in ('untrained', 'trained')
+  assert rows[4:] == [f'{which} network (tiny x0.5){part}' for which in ('untrained', 'trained')
                       for part in ('', ', sphere 1/2 alone', ', sphere 2/2 alone')]
   assert out.stdout.rstrip().endswith(table[-1])  # the table is the last thing printed
   with open(workdir / 'demo_results.json') as f:
